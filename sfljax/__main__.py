@@ -1,0 +1,5 @@
+import sys
+
+from sfljax.cli import main
+
+sys.exit(main())

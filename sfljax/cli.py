@@ -1,0 +1,189 @@
+"""Command line: ``sfljax train ...`` (also ``python -m sfljax train ...``).
+
+Thin by design: it parses flags into a :class:`sfljax.train.Config`, checks
+the output directory, runs :class:`sfljax.train.Experiment` and writes
+``config.json``, ``metrics.jsonl`` (one line per finished round) and
+``summary.json``. Bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+  """A bad flag value: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # One line, no usage dump.
+    raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+  from sfljax import algorithms, data, execution, models, split
+  p = _Parser(prog="sfljax", description="SplitFed learning in JAX")
+  sub = p.add_subparsers(dest="command", parser_class=_Parser)
+  sub.required = True
+  t = sub.add_parser("train", help="train one configuration and log per-round metrics")
+  t.add_argument("--algorithm", default="sflv1", choices=algorithms.ALGORITHMS)
+  t.add_argument("--model", default="lenet", choices=models.MODELS)
+  t.add_argument("--cut", type=int, default=None,
+                 help="number of blocks on the client side (default: the paper's cut)")
+  t.add_argument("--norm", default=None, choices=("batch", "group", "none"),
+                 help="normalisation layers (default: the model's own)")
+  t.add_argument("--dataset", default="digits", choices=data.DATASETS)
+  t.add_argument("--data-dir", default=None)
+  t.add_argument("--clients", type=int, default=5)
+  t.add_argument("--rounds", type=int, default=20, help="global epochs")
+  t.add_argument("--local-epochs", type=int, default=1)
+  t.add_argument("--batch-size", type=int, default=32)
+  t.add_argument("--optimizer", default="adam", choices=split.OPTIMIZERS)
+  t.add_argument("--lr", type=float, default=1e-3)
+  t.add_argument("--optimizer-state", default="persistent", choices=("persistent", "reference"),
+                 help="persistent: one optimizer state per model for the whole run; "
+                      "reference: reset like the official code")
+  t.add_argument("--sflv2-order", default="paper", choices=("paper", "client"),
+                 help="paper: random client order per step; client: one client's epoch after another")
+  t.add_argument("--partition", default="iid", choices=data.PARTITIONS)
+  t.add_argument("--seed", type=int, default=0)
+  t.add_argument("--strategy", default="auto", choices=execution.STRATEGIES)
+  t.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
+  t.add_argument("--overwrite", action="store_true",
+                 help="replace an existing run directory given by --out")
+  t.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+  return p
+
+
+def _check_out(out: str | None, overwrite: bool) -> str:
+  """Picks and checks the output directory (creates nothing); never loses a run."""
+  if out is None:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = os.path.join("runs", stamp)
+    n = 1
+    while os.path.exists(out):
+      n += 1
+      out = os.path.join("runs", f"{stamp}-{n}")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UsageError(f"--out: {out} exists and is not a directory; choose another path")
+  if os.path.isdir(out) and os.listdir(out):
+    if not overwrite:
+      raise UsageError(f"--out: {out} is not empty; choose another directory or pass --overwrite")
+    if not os.path.exists(os.path.join(out, "config.json")):
+      raise UsageError(f"--out: {out} holds files but no config.json, so it is not an sfljax "
+                       "run; refusing to replace it, choose another directory")
+  parent = os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise UsageError(f"--out: cannot write to {out}: {parent} is not a writable directory")
+  return out
+
+
+def _create_out(out: str) -> None:
+  try:
+    os.makedirs(out, exist_ok=True)
+    for name in ("config.json", "metrics.jsonl", "summary.json"):  # Only with --overwrite.
+      if os.path.exists(os.path.join(out, name)):
+        os.remove(os.path.join(out, name))
+  except OSError as e:
+    raise UsageError(f"--out: cannot write to {out}: {e.strerror or e}") from None
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+class _Progress:
+  """A one-line progress bar on a terminal; silent otherwise."""
+
+  def __init__(self, total: int, enabled: bool):
+    self.total, self.enabled, self.t0 = total, enabled, time.perf_counter()
+
+  def update(self, m) -> None:
+    if not self.enabled:
+      return
+    done = m["round"]
+    width = 30
+    bar = "#" * (width * done // self.total) + "-" * (width - width * done // self.total)
+    sys.stderr.write(f"\rround {done}/{self.total} [{bar}] loss {m['train_loss']:.4f} "
+                     f"test acc {m['test_accuracy']:.4f} ({time.perf_counter() - self.t0:.0f}s)")
+    if done == self.total:
+      sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _train(args) -> int:
+  from sfljax.train import Config, ConfigError, Experiment, environment
+  cfg = Config(algorithm=args.algorithm, model=args.model, cut=args.cut, norm=args.norm,
+               dataset=args.dataset, data_dir=args.data_dir, clients=args.clients,
+               rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
+               optimizer=args.optimizer, lr=args.lr, optimizer_state=args.optimizer_state,
+               sflv2_order=args.sflv2_order, partition=args.partition, seed=args.seed,
+               strategy=args.strategy)
+  try:
+    cfg.validate()
+    out = _check_out(args.out, args.overwrite)
+    exp = Experiment(cfg)
+  except ConfigError as e:
+    raise UsageError(str(e)) from None
+  _create_out(out)
+  resolved = {"cut": exp.cut, "strategy": exp.executor.name,
+              "client_sizes": [int(n) for n in exp.client_data.counts],
+              "block_names": list(exp.model.block_names),
+              "input_shape": list(exp.dataset.input_shape),
+              "train_samples": int(len(exp.dataset.y_train)),
+              "test_samples": int(len(exp.dataset.y_test))}
+  _write_json(os.path.join(out, "config.json"),
+              {"config": cfg.to_dict(), "resolved": resolved, "environment": environment()})
+  if not args.quiet:
+    print(f"sfljax: training {cfg.algorithm} / {cfg.model} on {cfg.dataset} with "
+          f"{cfg.clients} clients for {cfg.rounds} rounds; writing to {out}", file=sys.stderr)
+  progress = _Progress(cfg.rounds, enabled=not args.quiet and sys.stderr.isatty())
+  history = []
+  with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+    def log(m):
+      history.append(m)
+      f.write(json.dumps(m, sort_keys=True) + "\n")
+      f.flush()
+      progress.update(m)
+    exp.run(callback=log)
+  best = max(history, key=lambda m: m["test_accuracy"])
+  summary = {"best_test_accuracy": best["test_accuracy"], "best_round": best["round"],
+             "final_test_accuracy": history[-1]["test_accuracy"],
+             "compile_seconds": exp.compile_seconds,
+             "train_seconds": sum(m["seconds"] for m in history)}
+  _write_json(os.path.join(out, "summary.json"), summary)
+  if not args.quiet:
+    print(f"best test accuracy {best['test_accuracy']:.4f} (round {best['round']}), "
+          f"final {history[-1]['test_accuracy']:.4f}; compile {exp.compile_seconds:.1f}s, "
+          f"training {summary['train_seconds']:.1f}s; results in {out}")
+  return 0
+
+
+def main(argv=None) -> int:
+  try:
+    args = _parser().parse_args(argv)
+    return _train(args)
+  except UsageError as e:
+    print(f"sfljax: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except KeyboardInterrupt:
+    print("sfljax: interrupted; rounds finished so far are in metrics.jsonl", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,180 @@
+"""Datasets, client partitions and per-round batch schedules.
+
+Everything here runs on the host in NumPy. A dataset is a frozen :class:`Dataset`
+of NHWC float32 images and int32 labels. A partition assigns every training
+sample to exactly one client. :class:`ClientData` stacks the clients' shards
+into fixed-shape padded arrays (``[K, N_max, ...]``) so that all clients of a
+round run in one compiled program; ``counts`` holds the true ``n_k``.
+
+:func:`batch_schedule` draws, for one round, the order in which every client
+visits its samples. It depends only on ``(seed, round, client, epoch)`` and
+the client's sample count, so two algorithms with the same seed and the same
+client data see the same batches in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+DATASETS: tuple[str, ...] = ("digits",)
+PARTITIONS: tuple[str, ...] = ("iid",)
+
+# Purpose tags that keep the seeded random streams of different jobs apart.
+_SPLIT_STREAM = 0
+_PARTITION_STREAM = 1
+_BATCH_STREAM = 2
+
+
+def rng_for(seed: int, *path: int) -> np.random.Generator:
+  """A NumPy generator for one purpose, derived from the run seed and a path."""
+  return np.random.default_rng(np.random.SeedSequence([int(seed), *map(int, path)]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Train and test images (NHWC float32, normalised) and int32 labels."""
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    return tuple(self.x_train.shape[1:])
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear resize of [N, h, w] images to [N, size, size] (antialiased)."""
+  import jax  # Local import: keeps `import sfljax.data` light.
+  n = images.shape[0]
+  out = jax.image.resize(images.astype(np.float32), (n, size, size), "bilinear")
+  return np.asarray(out, np.float32)
+
+
+def load_digits(seed: int = 0, *, image_size: int = 28,
+                test_fraction: float = 0.2) -> Dataset:
+  """scikit-learn's handwritten digits (1,797 images of 8x8, 10 classes).
+
+  The data ship with sfljax (``sfljax/data/digits.npz``, a copy of the UCI
+  optical-digits test set as bundled by scikit-learn), so no download is
+  needed. Images are scaled to [0, 1], resized to ``image_size`` (28 by
+  default so the paper's LeNet applies unchanged), standardised with the
+  training set's mean and std, and split train/test with the seed (80/20:
+  1,437 / 360 samples).
+  """
+  path = os.path.join(os.path.dirname(__file__), "data", "digits.npz")
+  with np.load(path) as f:
+    images = f["images"].astype(np.float32) / 16.0
+    labels = f["labels"].astype(np.int32)
+  if image_size != images.shape[1]:
+    images = _resize(images, image_size)
+  images = images[..., None]
+  order = rng_for(seed, _SPLIT_STREAM).permutation(len(labels))
+  n_test = int(round(test_fraction * len(labels)))
+  test, train = order[:n_test], order[n_test:]
+  mean, std = images[train].mean(), images[train].std()
+  images = (images - mean) / std
+  return Dataset("digits", images[train], labels[train], images[test],
+                 labels[test], num_classes=10)
+
+
+def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
+                 image_size: int | None = None) -> Dataset:
+  """Loads a dataset by name (see :data:`DATASETS`)."""
+  del data_dir  # Only the embedded dataset so far.
+  if name == "digits":
+    return load_digits(seed, image_size=image_size or 28)
+  raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid",
+              *, seed: int = 0) -> list[np.ndarray]:
+  """Splits sample indices among clients; every sample goes to exactly one.
+
+  ``iid``: a seeded permutation cut into ``num_clients`` shards whose sizes
+  differ by at most one.
+  """
+  n = len(labels)
+  if num_clients < 1:
+    raise ValueError(f"number of clients must be positive, got {num_clients}")
+  if num_clients > n:
+    raise ValueError(f"{num_clients} clients but only {n} training samples: "
+                     f"use at most {n} clients")
+  if scheme != "iid":
+    raise ValueError(f"unknown partition {scheme!r}: choose one of {', '.join(PARTITIONS)}")
+  order = rng_for(seed, _PARTITION_STREAM).permutation(n)
+  return [np.sort(s) for s in np.array_split(order, num_clients)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientData:
+  """Clients' shards padded to a common length.
+
+  x: [K, N_max, H, W, C]; y: [K, N_max]; counts: [K] true sample counts n_k.
+  Rows at or beyond ``counts[k]`` are padding and never enter a batch.
+  """
+  x: np.ndarray
+  y: np.ndarray
+  counts: np.ndarray
+
+  @property
+  def num_clients(self) -> int:
+    return int(self.counts.shape[0])
+
+  @classmethod
+  def from_partition(cls, x: np.ndarray, y: np.ndarray,
+                     parts: Sequence[np.ndarray]) -> "ClientData":
+    counts = np.array([len(p) for p in parts], np.int32)
+    n_max = int(counts.max())
+    xs = np.zeros((len(parts), n_max) + x.shape[1:], x.dtype)
+    ys = np.zeros((len(parts), n_max), np.int32)
+    for k, p in enumerate(parts):
+      xs[k, :len(p)] = x[p]
+      ys[k, :len(p)] = y[p]
+    return cls(xs, ys, counts)
+
+  @classmethod
+  def pooled(cls, x: np.ndarray, y: np.ndarray,
+             parts: Sequence[np.ndarray]) -> "ClientData":
+    """All clients' data as one client (centralized training), in shard order."""
+    return cls.from_partition(x, y, [np.concatenate(list(parts))])
+
+
+def steps_per_epoch(counts: np.ndarray, batch_size: int) -> int:
+  """Steps every client takes per local epoch (the largest client's count)."""
+  return int(-(-int(np.max(counts)) // batch_size))
+
+
+def batch_schedule(counts: np.ndarray, batch_size: int, *, seed: int,
+                   round_index: int, local_epochs: int = 1,
+                   client_ids: Sequence[int] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-client sample order for one round.
+
+  Returns ``idx`` and ``mask``, both ``[K, local_epochs * S, batch_size]``
+  with ``S = ceil(max_k n_k / batch_size)``. Client k's epoch e visits a
+  permutation of ``range(n_k)`` drawn from ``(seed, round, client id, e)``, in
+  consecutive batches (the last one partial); steps past its data are fully
+  masked and must leave its model unchanged.
+  """
+  counts = np.asarray(counts)
+  k_total = len(counts)
+  ids = range(k_total) if client_ids is None else client_ids
+  s = steps_per_epoch(counts, batch_size)
+  idx = np.zeros((k_total, local_epochs * s * batch_size), np.int32)
+  mask = np.zeros((k_total, local_epochs * s * batch_size), bool)
+  for k, cid in enumerate(ids):
+    n = int(counts[k])
+    for e in range(local_epochs):
+      perm = rng_for(seed, _BATCH_STREAM, round_index, cid, e).permutation(n)
+      start = e * s * batch_size
+      idx[k, start:start + n] = perm
+      mask[k, start:start + n] = True
+  shape = (k_total, local_epochs * s, batch_size)
+  return idx.reshape(shape), mask.reshape(shape)

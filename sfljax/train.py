@@ -1,0 +1,277 @@
+"""Configs as data and the experiment driver (importable; the CLI is thin).
+
+>>> cfg = Config(algorithm="sflv2", rounds=3)
+>>> history = run(cfg)                      # list of per-round metric dicts
+>>> exp = Experiment(cfg)                   # or step rounds yourself
+>>> state = exp.init()
+>>> for _ in range(cfg.rounds):
+...   state, metrics = exp.step(state)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sfljax import algorithms, comm, data, execution, models, split
+
+
+class ConfigError(ValueError):
+  """A bad setting; ``flag`` names the CLI flag it came from."""
+
+  def __init__(self, flag: str, message: str):
+    super().__init__(f"{flag}: {message}")
+    self.flag = flag
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that determines a run. Same config + same machine -> same numbers."""
+  algorithm: str = "sflv1"
+  model: str = "lenet"
+  cut: int | None = None            # client-side blocks; None = the paper's cut
+  norm: str | None = None           # batch | group | none; None = model default
+  dataset: str = "digits"
+  data_dir: str | None = None
+  clients: int = 5
+  rounds: int = 20
+  local_epochs: int = 1
+  batch_size: int = 32
+  optimizer: str = "adam"
+  lr: float = 1e-3
+  optimizer_state: str = "persistent"   # persistent | reference
+  sflv2_order: str = "paper"            # paper | client
+  partition: str = "iid"
+  seed: int = 0
+  strategy: str = "auto"
+  eval_batch_size: int = 512
+
+  def validate(self) -> "Config":
+    """Raises :class:`ConfigError` for a setting that cannot run."""
+    def choice(flag, value, allowed):
+      if value not in allowed:
+        raise ConfigError(flag, f"unknown value {value!r}: choose one of {', '.join(allowed)}")
+    choice("--algorithm", self.algorithm, algorithms.ALGORITHMS)
+    choice("--model", self.model, models.MODELS)
+    choice("--dataset", self.dataset, data.DATASETS)
+    choice("--optimizer", self.optimizer, split.OPTIMIZERS)
+    choice("--strategy", self.strategy, execution.STRATEGIES)
+    choice("--partition", self.partition, data.PARTITIONS)
+    choice("--optimizer-state", self.optimizer_state, tuple(algorithms.OPTIMIZER_POLICIES))
+    choice("--sflv2-order", self.sflv2_order, ("paper", "client"))
+    if self.norm is not None:
+      choice("--norm", self.norm, ("batch", "group", "none"))
+    for flag, value in (("--clients", self.clients), ("--rounds", self.rounds),
+                        ("--local-epochs", self.local_epochs),
+                        ("--batch-size", self.batch_size),
+                        ("--eval-batch-size", self.eval_batch_size)):
+      if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ConfigError(flag, f"must be a positive integer, got {value!r}")
+    if not (self.lr > 0 and np.isfinite(self.lr)):
+      raise ConfigError("--lr", f"must be a positive number, got {self.lr!r}")
+    if self.cut is not None and (not isinstance(self.cut, (int, np.integer)) or self.cut <= 0):
+      raise ConfigError("--cut", f"must be a positive integer, got {self.cut!r}")
+    return self
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+class RunState(NamedTuple):
+  """The algorithm's pytree state and the number of finished rounds."""
+  algo: Any
+  round: int
+
+
+def environment() -> dict[str, Any]:
+  """Package versions, backend and devices, for the record."""
+  import flax
+  import optax
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+          "flax": flax.__version__, "optax": optax.__version__,
+          "numpy": np.__version__, "backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()],
+          "machine": platform.machine(), "processor": platform.processor()}
+
+
+class Experiment:
+  """A configured run: data on the device, a compiled round, evaluation."""
+
+  def __init__(self, config: Config, dataset: data.Dataset | None = None,
+               parts: list[np.ndarray] | None = None):
+    """``dataset`` and ``parts`` (one index array per client) override the
+    config's dataset and partition, e.g. for a custom split."""
+    self.config = config = config.validate()
+    self.dataset = dataset or data.load_dataset(config.dataset, seed=config.seed,
+                                                data_dir=config.data_dir)
+    ds = self.dataset
+    if parts is None:
+      try:
+        parts = data.partition(ds.y_train, config.clients, config.partition, seed=config.seed)
+      except ValueError as e:
+        raise ConfigError("--clients", str(e)) from None
+    elif len(parts) != config.clients:
+      raise ConfigError("--clients", f"{len(parts)} parts given for {config.clients} clients")
+    self.num_participants = 1 if config.algorithm == "centralized" else config.clients
+    maker = data.ClientData.pooled if config.algorithm == "centralized" else data.ClientData.from_partition
+    self.client_data = maker(ds.x_train, ds.y_train, parts)
+
+    try:
+      self.model = models.get_model(config.model, input_shape=ds.input_shape,
+                                    num_classes=ds.num_classes, norm=config.norm)
+    except ValueError as e:
+      raise ConfigError("--norm" if "norm" in str(e) else "--model", str(e)) from None
+    try:
+      cut = config.cut if config.cut is not None else self.model.default_cut
+      (self.cut,) = self.model.check_cut(cut)
+    except ValueError as e:
+      raise ConfigError("--cut", str(e)) from None
+    self.executor = execution.resolve(config.strategy)
+    self.algorithm = algorithms.build(
+        config.algorithm, self.model, cut=self.cut,
+        optimizer=split.make_optimizer(config.optimizer, config.lr),
+        executor=self.executor,
+        policy=algorithms.OPTIMIZER_POLICIES[config.optimizer_state],
+        sflv2_order=config.sflv2_order)
+
+    cd = self.client_data
+    self._x = jnp.asarray(cd.x)
+    self._y = jnp.asarray(cd.y)
+    self._weights = jnp.asarray(cd.counts, jnp.float32)
+    self.trace_count = 0
+
+    def traced_round(state, inputs):
+      self.trace_count += 1
+      return self.algorithm.round(state, inputs)
+
+    self._round = jax.jit(traced_round)
+    self._eval = jax.jit(self._evaluate_arrays)
+    self._prepare_test_set()
+    self.traffic = self._traffic()
+    self.compile_seconds: float | None = None
+
+  # -- pieces ----------------------------------------------------------------
+  def _prepare_test_set(self):
+    ds, eb = self.dataset, self.config.eval_batch_size
+    n = len(ds.y_test)
+    eb = min(eb, n)
+    m = -(-n // eb)
+    pad = m * eb - n
+    x = np.concatenate([ds.x_test, np.zeros((pad,) + ds.x_test.shape[1:], ds.x_test.dtype)])
+    y = np.concatenate([ds.y_test, np.zeros((pad,), ds.y_test.dtype)])
+    self._test = (jnp.asarray(x.reshape((m, eb) + x.shape[1:])), jnp.asarray(y.reshape(m, eb)))
+    self._n_test = n
+    test_parts = data.partition(ds.y_test, min(self.config.clients, n), "iid",
+                                seed=self.config.seed + 1)
+    self._test_shards = test_parts
+
+  def _evaluate_arrays(self, variables, x, y):
+    module = self.model.full()
+
+    def one(batch):
+      xb, yb = batch
+      logits, _ = models.apply_part(module, variables, xb, train=False)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+      return loss, jnp.argmax(logits, -1) == yb
+
+    loss, correct = jax.lax.map(one, (x, y))
+    return loss.reshape(-1), correct.reshape(-1)
+
+  def _traffic(self) -> comm.Traffic:
+    cfg, cd = self.config, self.client_data
+    if cfg.algorithm == "centralized":
+      return comm.Traffic()
+    shapes = jax.eval_shape(self.model.init, jax.random.key(0))
+    if cfg.algorithm == "fl":
+      return comm.fl_traffic(cd.num_clients, comm.tree_bytes(shapes))
+    client_vars, _ = self.model.split_variables(shapes, (self.cut,))
+    client_mod, _ = self.model.parts((self.cut,))
+    x1 = jax.ShapeDtypeStruct((1,) + self.dataset.input_shape, jnp.float32)
+    smashed = jax.eval_shape(
+        lambda v, x: models.apply_part(client_mod, v, x, train=True)[0], client_vars, x1)
+    label_bytes = np.dtype(cd.y.dtype).itemsize
+    return comm.split_traffic(cd.counts, cfg.local_epochs, comm.tree_bytes(smashed),
+                              label_bytes, comm.tree_bytes(client_vars))
+
+  def round_inputs(self, round_index: int) -> algorithms.RoundInputs:
+    """The round's batches and client orders, drawn from (seed, round)."""
+    cfg, cd = self.config, self.client_data
+    idx, mask = data.batch_schedule(cd.counts, cfg.batch_size, seed=cfg.seed,
+                                    round_index=round_index, local_epochs=cfg.local_epochs)
+    k, t = cd.num_clients, idx.shape[1]
+    rng = data.rng_for(cfg.seed, 3, round_index)
+    client_order = rng.permutation(k).astype(np.int32)
+    step_orders = np.stack([rng.permutation(k) for _ in range(t)]).astype(np.int32)
+    return algorithms.RoundInputs(self._x, self._y, jnp.asarray(idx), jnp.asarray(mask),
+                                  self._weights, jnp.asarray(step_orders),
+                                  jnp.asarray(client_order))
+
+  # -- public API ------------------------------------------------------------
+  def init(self) -> RunState:
+    """Initial state: one full-model init from the seed, split into halves."""
+    variables = self.model.init(jax.random.key(self.config.seed))
+    return RunState(self.algorithm.init(variables, self.client_data.num_clients), 0)
+
+  def compile(self, state: RunState) -> float:
+    """Compiles the round ahead of time; returns (and records) the seconds taken."""
+    t0 = time.perf_counter()
+    self._round.lower(state.algo, self.round_inputs(state.round)).compile()
+    self._eval.lower(self.algorithm.global_variables(state.algo), *self._test).compile()
+    self.compile_seconds = time.perf_counter() - t0
+    return self.compile_seconds
+
+  def train_round(self, state: RunState) -> tuple[RunState, dict[str, float]]:
+    """One global epoch without evaluation."""
+    algo, stats = self._round(state.algo, self.round_inputs(state.round))
+    stats = jax.device_get(stats)
+    count = max(float(np.sum(stats.count)), 1.0)
+    return RunState(algo, state.round + 1), {
+        "train_loss": float(np.sum(stats.loss_sum)) / count,
+        "train_accuracy": float(np.sum(stats.correct)) / count}
+
+  def evaluate(self, state: RunState) -> dict[str, float]:
+    """The round's global model on the full test set and on the clients' test shards."""
+    loss, correct = jax.device_get(self._eval(self.global_variables(state), *self._test))
+    loss, correct = loss[:self._n_test], correct[:self._n_test]
+    return {"test_loss": float(np.mean(loss)),
+            "test_accuracy": float(np.mean(correct)),
+            "client_test_accuracy": float(np.mean([np.mean(correct[s]) for s in self._test_shards]))}
+
+  def global_variables(self, state: RunState):
+    return self.algorithm.global_variables(state.algo)
+
+  def step(self, state: RunState) -> tuple[RunState, dict[str, Any]]:
+    """One round: train, evaluate, and the round's metrics."""
+    t0 = time.perf_counter()
+    state, metrics = self.train_round(state)
+    metrics.update(self.evaluate(state))
+    metrics["seconds"] = time.perf_counter() - t0
+    metrics.update(self.traffic.as_dict())
+    return state, {"round": state.round, **metrics}
+
+  def run(self, rounds: int | None = None,
+          callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Runs ``rounds`` (default: the config's) from a fresh state; returns the history."""
+    state = self.init()
+    self.compile(state)
+    history = []
+    for _ in range(self.config.rounds if rounds is None else rounds):
+      state, metrics = self.step(state)
+      history.append(metrics)
+      if callback is not None:
+        callback(metrics)
+    self.final_state = state
+    return history
+
+
+def run(config: Config, **kwargs) -> list[dict[str, Any]]:
+  """Runs a config end to end; returns one metrics dict per round."""
+  return Experiment(config).run(**kwargs)

@@ -1,0 +1,206 @@
+"""The algorithms against independent whole-model computations."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from conftest import assert_trees_close, client_batches, reference_train, small_digits
+from sfljax.train import Config, Experiment
+
+
+def _experiment(dataset=None, parts=None, **kw):
+  kw.setdefault("clients", 1 if parts is None else len(parts))
+  kw.setdefault("batch_size", 8)
+  kw.setdefault("rounds", 2)
+  return Experiment(Config(**kw), dataset=dataset or small_digits(), parts=parts)
+
+
+def _train(exp, rounds):
+  state = exp.init()
+  for _ in range(rounds):
+    state, _ = exp.train_round(state)
+  return state
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("adam", 1e-3)])
+def test_one_client_split_algorithms_equal_centralized_reference(optimizer, lr):
+  """K=1: SL, SFLV1, SFLV2 (both orders) = whole-model training on the same batches."""
+  ds = small_digits()
+  rounds = 2
+  ref_exp = _experiment(ds, algorithm="centralized", optimizer=optimizer, lr=lr)
+  variables = ref_exp.model.init(jax.random.key(0))
+  opt = optax.sgd(lr) if optimizer == "sgd" else optax.adam(lr)
+  cd, opt_state = ref_exp.client_data, None
+  for r in range(rounds):
+    idx, mask = ref_exp.round_inputs(r)[2:4]
+    batches = client_batches(np.asarray(idx), np.asarray(mask), 0)
+    variables, opt_state = reference_train(ref_exp.model, variables, cd.x[0], cd.y[0],
+                                           batches, opt, opt_state)
+  for algorithm, order in [("sl", "paper"), ("sflv1", "paper"), ("sflv2", "paper"),
+                           ("sflv2", "client"), ("centralized", "paper")]:
+    exp = _experiment(ds, algorithm=algorithm, sflv2_order=order, optimizer=optimizer, lr=lr)
+    state = _train(exp, rounds)
+    assert_trees_close(exp.global_variables(state), variables, atol=2e-5)
+
+
+def test_one_client_cli_style_metrics_identical_across_split_algorithms():
+  """With one client the batch order depends only on seed and round: same losses."""
+  ds = small_digits()
+  hist = {a: _experiment(ds, algorithm=a).run() for a in ("sl", "sflv1", "sflv2")}
+  for a in ("sflv1", "sflv2"):
+    for h0, h1 in zip(hist["sl"], hist[a]):
+      for key in ("train_loss", "test_loss", "test_accuracy"):
+        assert h0[key] == pytest.approx(h1[key], abs=1e-5)
+
+
+def _unequal_dataset_and_parts():
+  """3 clients with 20, 13 and 7 samples."""
+  ds = small_digits(40, 16)
+  parts = [np.arange(0, 20), np.arange(20, 33), np.arange(33, 40)]
+  return ds, parts
+
+
+@pytest.mark.parametrize("algorithm", ["fl", "sflv1"])
+@pytest.mark.parametrize("strategy", ["vmap", "sequential"])
+def test_unequal_clients_fedavg_equals_per_client_reference(algorithm, strategy):
+  """Padding + masking: each client's local epoch matches training on its own
+  unpadded shard; the global model is the n_k/n mean (incl. BN statistics)."""
+  ds, parts = _unequal_dataset_and_parts()
+  exp = _experiment(ds, parts, algorithm=algorithm, batch_size=6, norm="batch",
+                    optimizer="adam", lr=1e-3, strategy=strategy)
+  variables = exp.model.init(jax.random.key(0))
+  idx, mask = (np.asarray(a) for a in exp.round_inputs(0)[2:4])
+  locals_, counts = [], []
+  for k, p in enumerate(parts):
+    v, _ = reference_train(exp.model, variables, ds.x_train[p], ds.y_train[p],
+                           client_batches(idx, mask, k), optax.adam(1e-3))
+    locals_.append(v)
+    counts.append(len(p))
+  w = np.asarray(counts, np.float64) / sum(counts)
+  expected = jax.tree.map(lambda *xs: sum(wi * np.asarray(x, np.float64) for wi, x in zip(w, xs)),
+                          *locals_)
+  state = _train(exp, 1)
+  got = exp.global_variables(state)
+  assert "batch_stats" in got
+  assert_trees_close(got, expected, atol=3e-5)
+
+
+def test_sflv1_one_sgd_step_replica_average_equals_step_on_averaged_gradient():
+  """Equal shards, one local step: averaged server replicas = one server step on the
+  averaged server gradient (computed here from the whole model)."""
+  ds = small_digits(24, 8)
+  lr = 0.1
+  exp = _experiment(ds, algorithm="sflv1", clients=3, batch_size=8, optimizer="sgd", lr=lr)
+  variables = exp.model.init(jax.random.key(0))
+  module = exp.model.full()
+  idx, mask = (np.asarray(a) for a in exp.round_inputs(0)[2:4])
+  cd = exp.client_data
+
+  def loss(params, xb, yb):
+    logits = module.apply({"params": params}, xb, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+  grads = [jax.grad(loss)(variables["params"], cd.x[k][idx[k, 0]], cd.y[k][idx[k, 0]])
+           for k in range(3)]
+  mean_grad = jax.tree.map(lambda *g: sum(np.asarray(x, np.float64) for x in g) / 3, *grads)
+  expected = jax.tree.map(lambda p, g: np.asarray(p, np.float64) - lr * g,
+                          variables["params"], mean_grad)
+  state = _train(exp, 1)
+  _, server = exp.model.split_variables({"params": expected}, (exp.cut,))
+  assert_trees_close(state.algo["server"]["params"], server["params"], atol=1e-6)
+  assert_trees_close(exp.global_variables(state)["params"], expected, atol=1e-6)
+
+
+def test_fl_one_sgd_step_equals_centralized_step_on_union_batch(monkeypatch):
+  """FL with one local SGD step = one SGD step on the union batch, weighted by n_k."""
+  ds, parts = small_digits(30, 8), [np.arange(0, 18), np.arange(18, 30)]
+  lr = 0.1
+  exp = _experiment(ds, parts, algorithm="fl", batch_size=18, optimizer="sgd", lr=lr)
+  variables = exp.model.init(jax.random.key(0))
+  module = exp.model.full()
+
+  def loss(params):  # Mean over the union = n_k/n-weighted mean of client means.
+    logits = module.apply({"params": params}, ds.x_train[:30], train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ds.y_train[:30]).mean()
+
+  g = jax.grad(loss)(variables["params"])
+  expected = jax.tree.map(lambda p, gi: p - lr * gi, variables["params"], g)
+  state = _train(exp, 1)
+  assert_trees_close(exp.global_variables(state)["params"], expected, atol=1e-6)
+
+
+def test_sl_with_sgd_equals_whole_model_training_in_client_turn_order(monkeypatch):
+  """Vanilla SL relays one model: with SGD it is whole-model training over client
+  0's batches, then client 1's, ... in the round's client order."""
+  ds, parts = small_digits(36, 8), [np.arange(0, 14), np.arange(14, 26), np.arange(26, 36)]
+  exp = _experiment(ds, parts, algorithm="sl", batch_size=5, optimizer="sgd", lr=0.05)
+  variables = exp.model.init(jax.random.key(0))
+  for r in range(2):
+    inp = exp.round_inputs(r)
+    idx, mask = np.asarray(inp.idx), np.asarray(inp.mask)
+    for k in np.asarray(inp.client_order):
+      variables, _ = reference_train(exp.model, variables, ds.x_train[parts[k]],
+                                     ds.y_train[parts[k]], client_batches(idx, mask, k),
+                                     optax.sgd(0.05))
+  state = _train(exp, 2)
+  assert_trees_close(exp.global_variables(state), variables, atol=2e-5)
+
+
+def test_sflv1_equals_fl_with_persistent_optimizers():
+  """With per-client optimizer states, SFLV1 (replicas + FedAvg) and FL are the same
+  computation; FL takes whole-model gradients, SFLV1 goes through the vjp exchange."""
+  ds = small_digits(60, 8)
+  got = []
+  for algorithm in ("sflv1", "fl"):
+    exp = _experiment(ds, algorithm=algorithm, clients=4, norm="batch")
+    got.append(exp.global_variables(_train(exp, 2)))
+  assert_trees_close(got[0], got[1], atol=3e-5)
+
+
+@pytest.mark.parametrize("algorithm,order", [("sflv1", "paper"), ("sflv2", "paper"),
+                                             ("sflv2", "client"), ("sl", "paper"),
+                                             ("fl", "paper")])
+def test_vmap_and_sequential_strategies_agree(algorithm, order):
+  ds, parts = _unequal_dataset_and_parts()
+  got = []
+  for strategy in ("vmap", "sequential"):
+    exp = _experiment(ds, parts, algorithm=algorithm, sflv2_order=order, batch_size=6,
+                      norm="batch", strategy=strategy)
+    got.append(exp.global_variables(_train(exp, 2)))
+  assert_trees_close(got[0], got[1], atol=2e-5)
+
+
+def test_reference_optimizer_policy_differs_and_resets_server_state():
+  """Reference mode re-creates the server Adam state every step: after a round the
+  server's Adam step count is 1, while the persistent default counts every step."""
+  ds = small_digits(48, 8)
+  steps = -(-24 // 8)
+  ref = _experiment(ds, algorithm="sflv2", clients=2, optimizer_state="reference")
+  per = _experiment(ds, algorithm="sflv2", clients=2)
+  s_ref, s_per = _train(ref, 1), _train(per, 1)
+  count = lambda opt_state: int(np.asarray(opt_state[0].count))
+  assert count(s_ref.algo["server_opt"]) == 1
+  assert count(s_per.algo["server_opt"]) == 2 * steps
+  # Client states: persistent keeps counting across rounds, reference restarts.
+  s_ref2, s_per2 = _train(ref, 2), _train(per, 2)
+  assert np.all(np.asarray(s_per2.algo["client_opt"][0].count) == 2 * steps)
+  assert np.all(np.asarray(s_ref2.algo["client_opt"][0].count) == steps)
+
+
+def test_same_seed_identical_metrics_and_different_seed_differs():
+  ds = small_digits()
+  run = lambda seed: _experiment(ds, algorithm="sflv2", clients=3, seed=seed).run()
+  a, b, c = run(0), run(0), run(1)
+  strip = lambda h: [{k: v for k, v in m.items() if k != "seconds"} for m in h]
+  assert strip(a) == strip(b)
+  assert strip(a) != strip(c)
+
+
+def test_no_recompilation_after_first_round():
+  exp = _experiment(algorithm="sflv1", clients=3, rounds=4)
+  exp.run()
+  assert exp.trace_count == 1
+  assert exp._round._cache_size() == 1

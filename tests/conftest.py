@@ -1,0 +1,69 @@
+"""Shared test fixtures: small real datasets and an independent reference trainer."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sfljax import data
+
+
+@pytest.fixture(scope="session")
+def digits():
+  return data.load_digits(0)
+
+
+def small_digits(n_train: int = 48, n_test: int = 24) -> data.Dataset:
+  """A slice of the real digits (28x28) so each test compiles and runs fast."""
+  ds = data.load_digits(0)
+  return dataclasses.replace(ds, x_train=ds.x_train[:n_train], y_train=ds.y_train[:n_train],
+                             x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
+
+
+def reference_train(model, variables, x, y, batches, opt, opt_state=None):
+  """Whole-model training with ``jax.grad`` on the given batches, one by one.
+
+  Independent of the split/vmap code under test: plain Flax apply with
+  mutable batch stats, mean cross-entropy over each batch, optax update.
+  Returns (variables, opt_state).
+  """
+  module = model.full()
+  params = variables["params"]
+  stats = variables.get("batch_stats")
+  opt_state = opt.init(params) if opt_state is None else opt_state
+
+  def loss_fn(p, s, xb, yb):
+    v = {"params": p} if s is None else {"params": p, "batch_stats": s}
+    if s is None:
+      logits = module.apply(v, xb, train=True)
+      new_s = None
+    else:
+      logits, upd = module.apply(v, xb, train=True, mutable=["batch_stats"])
+      new_s = upd["batch_stats"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), new_s
+
+  grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
+  for b in batches:
+    g, new_stats = grad_fn(params, stats, jnp.asarray(x[b]), jnp.asarray(y[b]))
+    updates, opt_state = opt.update(g, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    stats = new_stats if stats is not None else None
+  out = {"params": params}
+  if stats is not None:
+    out["batch_stats"] = stats
+  return out, opt_state
+
+
+def client_batches(idx, mask, k):
+  """Client k's real batches from a batch schedule, as index arrays."""
+  return [idx[k, t][mask[k, t]] for t in range(idx.shape[1]) if mask[k, t].any()]
+
+
+def assert_trees_close(a, b, atol=1e-5, rtol=1e-4):
+  ja, jb = jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)
+  assert ja == jb, (ja, jb)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
