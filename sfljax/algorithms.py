@@ -195,61 +195,71 @@ class SplitFed:
     cvars, copt = self.executor.map(client_one, cvars, cvars_fwd, copt, grads, active)
     return cvars, copt, svars, sopt, stats
 
-  # -- one round -----------------------------------------------------------
-  def round(self, state, inp: RoundInputs):
-    """One global epoch. Returns ``(new_state, per-client BatchStats [K])``."""
+  # -- one round: begin, steps, end -------------------------------------
+  def num_steps(self, inp: RoundInputs) -> int:
+    """Steps in a round: T synchronous steps, or K*T client-major events."""
+    k, t = inp.idx.shape[:2]
+    return t if self.schedule == "synchronous" else k * t
+
+  def begin(self, state, inp: RoundInputs):
+    """The round's working state: clients (and replicas) start from the global models."""
     num_clients = inp.weights.shape[0]
-    num_steps = inp.idx.shape[1]
     client, server = state["client"], state["server"]
     copt = state["client_opt"]
     if self.policy.client_reset_each_round:
       copt = fedavg.broadcast(self.client_optimizer.init(client["params"]), num_clients)
-    sopt = state["server_opt"]
-    svars = fedavg.broadcast(server, num_clients) if self.server == "replicas" else server
-    acc = _zeros_stats(num_clients)
+    relay = self.client_aggregation == "relay"
+    return {"client": client if relay else fedavg.broadcast(client, num_clients),
+            "client_opt": copt,
+            "server": fedavg.broadcast(server, num_clients) if self.server == "replicas" else server,
+            "server_opt": state["server_opt"],
+            "stats": _zeros_stats(num_clients)}
 
+  def step(self, carry, inp: RoundInputs, t):
+    """Step ``t`` of the round (see :meth:`num_steps`)."""
+    cvars, copt = carry["client"], carry["client_opt"]
+    svars, sopt, acc = carry["server"], carry["server_opt"], carry["stats"]
     if self.schedule == "synchronous":
-      cvars = fedavg.broadcast(client, num_clients)
-
-      def step(carry, t):
-        cvars, copt, svars, sopt, acc = carry
-        x, y, m = _batch(inp, t)
-        cvars, copt, svars, sopt, st = self._group_step(
-            cvars, copt, svars, sopt, x, y, m, inp.step_orders[t])
-        return (cvars, copt, svars, sopt, acc + st), None
-
-      (cvars, copt, svars, sopt, acc), _ = jax.lax.scan(
-          step, (cvars, copt, svars, sopt, acc), jnp.arange(num_steps))
-    else:
+      x, y, m = _batch(inp, t)
+      cvars, copt, svars, sopt, st = self._group_step(
+          cvars, copt, svars, sopt, x, y, m, inp.step_orders[t])
+      acc = acc + st
+    else:  # Client-major: event t is step t % T of the (t // T)-th client in turn.
+      num_steps = inp.idx.shape[1]
+      k, s = inp.client_order[t // num_steps], t % num_steps
       relay = self.client_aggregation == "relay"
-      cvars = client if relay else fedavg.broadcast(client, num_clients)
-      ev_client = jnp.repeat(inp.client_order, num_steps)
-      ev_step = jnp.tile(jnp.arange(num_steps), num_clients)
+      cv = cvars if relay else fedavg.index(cvars, k)
+      x, y, m = _client_batch(inp, k, s)
+      cv, co, svars, sopt, st = self._group_step(
+          _expand(cv), _expand(fedavg.index(copt, k)), svars, sopt, x, y, m,
+          jnp.zeros((1,), jnp.int32))
+      cv, co, st = fedavg.index((cv, co, st), 0)
+      cvars = cv if relay else fedavg.update_index(cvars, k, cv)
+      copt = fedavg.update_index(copt, k, co)
+      acc = jax.tree.map(lambda a, v: a.at[k].add(v), acc, st)
+    return {"client": cvars, "client_opt": copt, "server": svars, "server_opt": sopt,
+            "stats": acc}
 
-      def event(carry, kt):
-        cvars, copt, svars, sopt, acc = carry
-        k, t = kt
-        cv = cvars if relay else fedavg.index(cvars, k)
-        x, y, m = _client_batch(inp, k, t)
-        cv, co, svars, sopt, st = self._group_step(
-            _expand(cv), _expand(fedavg.index(copt, k)), svars, sopt, x, y, m,
-            jnp.zeros((1,), jnp.int32))
-        cv, co, st = fedavg.index((cv, co, st), 0)
-        cvars = cv if relay else fedavg.update_index(cvars, k, cv)
-        copt = fedavg.update_index(copt, k, co)
-        acc = jax.tree.map(lambda a, s: a.at[k].add(s), acc, st)
-        return (cvars, copt, svars, sopt, acc), None
-
-      (cvars, copt, svars, sopt, acc), _ = jax.lax.scan(
-          event, (cvars, copt, svars, sopt, acc), (ev_client, ev_step))
-
+  def end(self, carry, inp: RoundInputs):
+    """Aggregation: returns ``(new_state, per-client BatchStats [K])``."""
+    client, server = carry["client"], carry["server"]
     if self.client_aggregation == "fedavg":
-      client = fedavg.weighted_average(cvars, inp.weights)
-    else:
-      client = cvars
-    server = fedavg.weighted_average(svars, inp.weights) if self.server == "replicas" else svars
-    new_state = {"client": client, "server": server, "client_opt": copt, "server_opt": sopt}
-    return new_state, acc
+      client = fedavg.weighted_average(client, inp.weights)
+    if self.server == "replicas":
+      server = fedavg.weighted_average(server, inp.weights)
+    return ({"client": client, "server": server, "client_opt": carry["client_opt"],
+             "server_opt": carry["server_opt"]}, carry["stats"])
+
+  def round(self, state, inp: RoundInputs):
+    """One global epoch in one program (steps under ``lax.fori_loop``)."""
+    return _fused_round(self, state, inp)
+
+
+def _fused_round(algorithm, state, inp):
+  carry = algorithm.begin(state, inp)
+  carry = jax.lax.fori_loop(0, algorithm.num_steps(inp),
+                            lambda t, c: algorithm.step(c, inp, t), carry)
+  return algorithm.end(carry, inp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,13 +280,19 @@ class FedAvg:
   def global_variables(self, state) -> dict[str, Any]:
     return state["model"]
 
-  def round(self, state, inp: RoundInputs):
+  def num_steps(self, inp: RoundInputs) -> int:
+    return inp.idx.shape[1]
+
+  def begin(self, state, inp: RoundInputs):
     num_clients = inp.weights.shape[0]
-    module = self.model.full()
     opt = state["opt"]
     if self.policy.client_reset_each_round:
       opt = fedavg.broadcast(self.optimizer.init(state["model"]["params"]), num_clients)
-    models = fedavg.broadcast(state["model"], num_clients)
+    return {"models": fedavg.broadcast(state["model"], num_clients), "opt": opt,
+            "stats": _zeros_stats(num_clients)}
+
+  def step(self, carry, inp: RoundInputs, t):
+    module = self.model.full()
 
     def local(v, o, xb, yb, mb):
       grads, v_fwd, stats = full_forward_backward(module, v, xb, yb, mb)
@@ -284,15 +300,16 @@ class FedAvg:
       v, o = keep_if(jnp.any(mb), (v_new, o_new), (v, o))
       return v, o, stats
 
-    def step(carry, t):
-      models, opt, acc = carry
-      x, y, m = _batch(inp, t)
-      models, opt, st = self.executor.map(local, models, opt, x, y, m)
-      return (models, opt, acc + st), None
+    x, y, m = _batch(inp, t)
+    models, opt, st = self.executor.map(local, carry["models"], carry["opt"], x, y, m)
+    return {"models": models, "opt": opt, "stats": carry["stats"] + st}
 
-    (models, opt, acc), _ = jax.lax.scan(
-        step, (models, opt, _zeros_stats(num_clients)), jnp.arange(inp.idx.shape[1]))
-    return {"model": fedavg.weighted_average(models, inp.weights), "opt": opt}, acc
+  def end(self, carry, inp: RoundInputs):
+    return ({"model": fedavg.weighted_average(carry["models"], inp.weights),
+             "opt": carry["opt"]}, carry["stats"])
+
+  def round(self, state, inp: RoundInputs):
+    return _fused_round(self, state, inp)
 
 
 def build(name: str, model: SplitModel, *, cut: int, optimizer, executor,

@@ -55,7 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="paper: random client order per step; client: one client's epoch after another")
   t.add_argument("--partition", default="iid", choices=data.PARTITIONS)
   t.add_argument("--seed", type=int, default=0)
-  t.add_argument("--strategy", default="auto", choices=execution.STRATEGIES)
+  t.add_argument("--strategy", default="auto", choices=execution.STRATEGIES,
+                 help="how the client axis runs: vmap, or sequential inside the program")
+  t.add_argument("--step-loop", default="auto", choices=execution.STEP_LOOPS,
+                 help="scan: one compiled round; python: a loop over one compiled step")
   t.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
   t.add_argument("--overwrite", action="store_true",
                  help="replace an existing run directory given by --out")
@@ -132,7 +135,7 @@ def _train(args) -> int:
                rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
                optimizer=args.optimizer, lr=args.lr, optimizer_state=args.optimizer_state,
                sflv2_order=args.sflv2_order, partition=args.partition, seed=args.seed,
-               strategy=args.strategy)
+               strategy=args.strategy, step_loop=args.step_loop)
   try:
     cfg.validate()
     out = _check_out(args.out, args.overwrite)

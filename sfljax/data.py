@@ -66,7 +66,7 @@ def load_digits(seed: int = 0, *, image_size: int = 28,
   needed. Images are scaled to [0, 1], resized to ``image_size`` (28 by
   default so the paper's LeNet applies unchanged), standardised with the
   training set's mean and std, and split train/test with the seed (80/20:
-  1,437 / 360 samples).
+  1,438 / 359 samples).
   """
   path = os.path.join(os.path.dirname(__file__), "data", "digits.npz")
   with np.load(path) as f:

@@ -51,6 +51,7 @@ class Config:
   partition: str = "iid"
   seed: int = 0
   strategy: str = "auto"
+  step_loop: str = "auto"
   eval_batch_size: int = 512
 
   def validate(self) -> "Config":
@@ -63,6 +64,7 @@ class Config:
     choice("--dataset", self.dataset, data.DATASETS)
     choice("--optimizer", self.optimizer, split.OPTIMIZERS)
     choice("--strategy", self.strategy, execution.STRATEGIES)
+    choice("--step-loop", self.step_loop, execution.STEP_LOOPS)
     choice("--partition", self.partition, data.PARTITIONS)
     choice("--optimizer-state", self.optimizer_state, tuple(algorithms.OPTIMIZER_POLICIES))
     choice("--sflv2-order", self.sflv2_order, ("paper", "client"))
@@ -134,7 +136,7 @@ class Experiment:
       (self.cut,) = self.model.check_cut(cut)
     except ValueError as e:
       raise ConfigError("--cut", str(e)) from None
-    self.executor = execution.resolve(config.strategy)
+    self.executor = execution.resolve(config.strategy, step_loop=config.step_loop)
     self.algorithm = algorithms.build(
         config.algorithm, self.model, cut=self.cut,
         optimizer=split.make_optimizer(config.optimizer, config.lr),
@@ -146,13 +148,20 @@ class Experiment:
     self._x = jnp.asarray(cd.x)
     self._y = jnp.asarray(cd.y)
     self._weights = jnp.asarray(cd.counts, jnp.float32)
-    self.trace_count = 0
+    self.trace_count = 0  # Tracings of the round's programs (tests: no recompilation).
 
-    def traced_round(state, inputs):
-      self.trace_count += 1
-      return self.algorithm.round(state, inputs)
+    def counted(fn):
+      def traced(*args):
+        self.trace_count += 1
+        return fn(*args)
+      return jax.jit(traced)
 
-    self._round = jax.jit(traced_round)
+    alg = self.algorithm
+    if self.executor.step_loop == "scan":
+      self._programs = {"round": counted(alg.round)}
+    else:
+      self._programs = {"begin": counted(alg.begin), "step": counted(alg.step),
+                        "end": counted(alg.end)}
     self._eval = jax.jit(self._evaluate_arrays)
     self._prepare_test_set()
     self.traffic = self._traffic()
@@ -220,17 +229,34 @@ class Experiment:
     variables = self.model.init(jax.random.key(self.config.seed))
     return RunState(self.algorithm.init(variables, self.client_data.num_clients), 0)
 
+  def _run_round(self, algo, inputs):
+    p = self._programs
+    if "round" in p:
+      return p["round"](algo, inputs)
+    carry = p["begin"](algo, inputs)
+    for t in range(self.algorithm.num_steps(inputs)):
+      carry = p["step"](carry, inputs, np.int32(t))
+    return p["end"](carry, inputs)
+
   def compile(self, state: RunState) -> float:
-    """Compiles the round ahead of time; returns (and records) the seconds taken."""
+    """Compiles the round's programs; returns (and records) the seconds taken."""
     t0 = time.perf_counter()
-    self._round.lower(state.algo, self.round_inputs(state.round)).compile()
+    inputs = self.round_inputs(state.round)
+    p = self._programs
+    if "round" in p:
+      p["round"].lower(state.algo, inputs).compile()
+    else:
+      carry = jax.eval_shape(p["begin"], state.algo, inputs)
+      p["begin"].lower(state.algo, inputs).compile()
+      p["step"].lower(carry, inputs, np.int32(0)).compile()
+      p["end"].lower(carry, inputs).compile()
     self._eval.lower(self.algorithm.global_variables(state.algo), *self._test).compile()
     self.compile_seconds = time.perf_counter() - t0
     return self.compile_seconds
 
   def train_round(self, state: RunState) -> tuple[RunState, dict[str, float]]:
     """One global epoch without evaluation."""
-    algo, stats = self._round(state.algo, self.round_inputs(state.round))
+    algo, stats = self._run_round(state.algo, self.round_inputs(state.round))
     stats = jax.device_get(stats)
     count = max(float(np.sum(stats.count)), 1.0)
     return RunState(algo, state.round + 1), {

@@ -199,8 +199,18 @@ def test_same_seed_identical_metrics_and_different_seed_differs():
   assert strip(a) != strip(c)
 
 
-def test_no_recompilation_after_first_round():
-  exp = _experiment(algorithm="sflv1", clients=3, rounds=4)
+@pytest.mark.parametrize("step_loop", ["python", "scan"])
+def test_no_recompilation_after_first_round(step_loop):
+  exp = _experiment(algorithm="sflv1", clients=3, rounds=4, step_loop=step_loop)
   exp.run()
-  assert exp.trace_count == 1
-  assert exp._round._cache_size() == 1
+  assert exp.trace_count == len(exp._programs)
+  assert all(p._cache_size() == 1 for p in exp._programs.values())
+
+
+@pytest.mark.parametrize("algorithm", ["sflv2", "sl"])
+def test_scan_and_python_step_loops_agree(algorithm):
+  got = []
+  for step_loop in ("scan", "python"):
+    exp = _experiment(algorithm=algorithm, clients=3, step_loop=step_loop)
+    got.append(exp.global_variables(_train(exp, 2)))
+  assert_trees_close(got[0], got[1], atol=1e-6)

@@ -1,0 +1,107 @@
+"""The command line, end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sfljax.cli import main
+
+
+def _read_metrics(out):
+  with open(os.path.join(out, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_default_run_end_to_end(tmp_path):
+  """`sfljax train` with every default (digits, LeNet, SFLV1, 5 clients, 20 rounds)."""
+  out = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-m", "sfljax", "train", "--out", str(out)],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  assert "best test accuracy" in proc.stdout
+  cfg = json.loads((out / "config.json").read_text())
+  assert cfg["config"]["algorithm"] == "sflv1" and cfg["config"]["clients"] == 5
+  assert cfg["resolved"]["cut"] == 2 and "jax" in cfg["environment"]
+  metrics = _read_metrics(out)
+  assert [m["round"] for m in metrics] == list(range(1, 21))
+  for key in ("train_loss", "test_loss", "test_accuracy", "seconds",
+              "bytes_client_to_server", "bytes_server_to_client"):
+    assert all(key in m for m in metrics)
+  assert max(m["test_accuracy"] for m in metrics) >= 0.95
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["best_test_accuracy"] == max(m["test_accuracy"] for m in metrics)
+
+
+def test_one_client_split_algorithms_log_identical_metrics(tmp_path):
+  runs = {}
+  for alg in ("sl", "sflv1", "sflv2"):
+    out = str(tmp_path / alg)
+    assert main(["train", "--algorithm", alg, "--clients", "1", "--rounds", "2",
+                 "--out", out, "--quiet"]) == 0
+    runs[alg] = _read_metrics(out)
+  for alg in ("sflv1", "sflv2"):
+    for a, b in zip(runs["sl"], runs[alg]):
+      for key in ("train_loss", "test_loss", "test_accuracy"):
+        assert a[key] == pytest.approx(b[key], abs=1e-5), (alg, key)
+
+
+BAD = [
+    (["--algorithm", "sflv3"], "--algorithm"),
+    (["--model", "vgg19"], "--model"),
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--optimizer", "lamb"], "--optimizer"),
+    (["--strategy", "pmap"], "--strategy"),
+    (["--clients", "0"], "--clients"),
+    (["--rounds", "-3"], "--rounds"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--local-epochs", "0"], "--local-epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--clients", "100000"], "--clients"),
+    (["--cut", "7"], "--cut"),
+    (["--model", "resnet18", "--cut", "11"], "--cut"),
+    (["--out", "/dev/null/run"], "--out"),
+]
+
+
+@pytest.mark.parametrize("flags,flag", BAD)
+def test_bad_input_one_line_exit_2(flags, flag, capsys):
+  assert main(["train", "--quiet"] + flags) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and flag in err and "Traceback" not in err
+  if flag == "--cut":
+    assert "valid cuts are" in err
+  if flag in ("--algorithm", "--model", "--optimizer", "--strategy"):
+    assert "choose from" in err
+
+
+def test_bad_input_from_a_real_process_has_no_traceback():
+  proc = subprocess.run([sys.executable, "-m", "sfljax", "train", "--algorithm", "nope"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+  assert "centralized, fl, sl, sflv1, sflv2" in proc.stderr.replace("'", "")
+
+
+def test_refuses_to_overwrite_unless_told(tmp_path):
+  out = str(tmp_path / "run")
+  args = ["train", "--rounds", "1", "--clients", "2", "--out", out, "--quiet"]
+  assert main(args) == 0
+  before = open(os.path.join(out, "metrics.jsonl")).read()
+  assert main(args + ["--seed", "1"]) == 2
+  assert open(os.path.join(out, "metrics.jsonl")).read() == before   # nothing lost
+  assert main(args + ["--seed", "1", "--overwrite"]) == 0
+  assert open(os.path.join(out, "metrics.jsonl")).read() != before
+  foreign = tmp_path / "notarun"
+  foreign.mkdir()
+  (foreign / "thesis.tex").write_text("keep me")
+  assert main(["train", "--out", str(foreign), "--overwrite", "--quiet"]) == 2
+  assert (foreign / "thesis.tex").read_text() == "keep me"
+
+
+def test_config_error_creates_no_output_dir(tmp_path):
+  out = tmp_path / "never"
+  assert main(["train", "--cut", "99", "--out", str(out), "--quiet"]) == 2
+  assert not out.exists()
