@@ -226,8 +226,9 @@ class Experiment:
   # -- public API ------------------------------------------------------------
   def init(self) -> RunState:
     """Initial state: one full-model init from the seed, split into halves."""
-    variables = self.model.init(jax.random.key(self.config.seed))
-    return RunState(self.algorithm.init(variables, self.client_data.num_clients), 0)
+    variables = jax.jit(self.model.init)(jax.random.key(self.config.seed))
+    algo_init = jax.jit(self.algorithm.init, static_argnums=1)
+    return RunState(algo_init(variables, self.client_data.num_clients), 0)
 
   def _run_round(self, algo, inputs):
     p = self._programs
