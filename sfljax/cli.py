@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--sflv2-order", default="paper", choices=("paper", "client"),
                  help="paper: random client order per step; client: one client's epoch after another")
   t.add_argument("--partition", default="iid", choices=data.PARTITIONS)
+  _partition_options(t)
   t.add_argument("--seed", type=int, default=0)
   t.add_argument("--strategy", default="auto", choices=execution.STRATEGIES,
                  help="how the client axis runs: vmap, or sequential inside the program")
@@ -63,7 +64,74 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--overwrite", action="store_true",
                  help="replace an existing run directory given by --out")
   t.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+  _add_partition_command(sub)
   return p
+
+
+def _partition_options(p) -> None:
+  p.add_argument("--alpha", type=float, default=0.5,
+                 help="dirichlet partition: concentration (small = strong label skew)")
+  p.add_argument("--shards-per-client", type=int, default=2, help="shards partition")
+  p.add_argument("--classes-per-client", type=int, default=2, help="classes partition")
+  p.add_argument("--min-client-size", type=int, default=1,
+                 help="smallest number of samples a client may hold")
+
+
+def _add_partition_command(sub) -> None:
+  from sfljax import data
+  p = sub.add_parser("partition", help="show (and plot) how the training set splits among clients")
+  p.add_argument("--dataset", default="digits", choices=data.DATASETS)
+  p.add_argument("--data-dir", default=None)
+  p.add_argument("--clients", type=int, default=5)
+  p.add_argument("--partition", default="iid", choices=data.PARTITIONS)
+  _partition_options(p)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--plot", default=None, metavar="PNG", help="write the per-client label chart here")
+
+
+def _partition(args) -> int:
+  from sfljax import data, partitions
+  from sfljax.train import Config, ConfigError
+  cfg = Config(dataset=args.dataset, data_dir=args.data_dir, clients=args.clients,
+               partition=args.partition, alpha=args.alpha,
+               shards_per_client=args.shards_per_client,
+               classes_per_client=args.classes_per_client,
+               min_client_size=args.min_client_size, seed=args.seed)
+  try:
+    cfg.validate()
+    ds = _load(cfg)
+    parts = data.partition(ds.y_train, cfg.clients, cfg.partition, seed=cfg.seed,
+                           alpha=cfg.alpha, shards_per_client=cfg.shards_per_client,
+                           classes_per_client=cfg.classes_per_client,
+                           min_client_size=cfg.min_client_size)
+  except ConfigError as e:
+    raise UsageError(str(e)) from None
+  except partitions.PartitionError as e:
+    raise UsageError(str(e)) from None
+  counts = partitions.label_counts(ds.y_train, parts, ds.num_classes)
+  print("client  samples  " + " ".join(f"{c:>5d}" for c in range(ds.num_classes)))
+  for k, row in enumerate(counts):
+    print(f"{k:6d}  {int(row.sum()):7d}  " + " ".join(f"{int(v):5d}" for v in row))
+  if args.plot:
+    try:
+      partitions.plot_partition(ds.y_train, parts, args.plot, num_classes=ds.num_classes,
+                                title=f"{cfg.dataset}: {cfg.partition} partition, "
+                                      f"{cfg.clients} clients")
+    except OSError as e:
+      raise UsageError(f"--plot: cannot write {args.plot}: {e.strerror or e}") from None
+    except partitions.PartitionError as e:
+      raise UsageError(str(e)) from None
+    print(f"plot written to {args.plot}")
+  return 0
+
+
+def _load(cfg):
+  """The config's dataset, with loading problems as one-line usage errors."""
+  from sfljax import data
+  try:
+    return data.load_dataset(cfg.dataset, seed=cfg.seed, data_dir=cfg.data_dir)
+  except ValueError as e:
+    raise UsageError(f"--data-dir: {e}") from None
 
 
 def _check_out(out: str | None, overwrite: bool) -> str:
@@ -134,12 +202,15 @@ def _train(args) -> int:
                dataset=args.dataset, data_dir=args.data_dir, clients=args.clients,
                rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
                optimizer=args.optimizer, lr=args.lr, optimizer_state=args.optimizer_state,
-               sflv2_order=args.sflv2_order, partition=args.partition, seed=args.seed,
+               sflv2_order=args.sflv2_order, partition=args.partition, alpha=args.alpha,
+               shards_per_client=args.shards_per_client,
+               classes_per_client=args.classes_per_client,
+               min_client_size=args.min_client_size, seed=args.seed,
                strategy=args.strategy, step_loop=args.step_loop)
   try:
     cfg.validate()
     out = _check_out(args.out, args.overwrite)
-    exp = Experiment(cfg)
+    exp = Experiment(cfg, dataset=_load(cfg))
   except ConfigError as e:
     raise UsageError(str(e)) from None
   _create_out(out)
@@ -179,7 +250,7 @@ def _train(args) -> int:
 def main(argv=None) -> int:
   try:
     args = _parser().parse_args(argv)
-    return _train(args)
+    return _partition(args) if args.command == "partition" else _train(args)
   except UsageError as e:
     print(f"sfljax: error: {e}", file=sys.stderr)
     return EXIT_USAGE

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 DATASETS: tuple[str, ...] = ("digits",)
-PARTITIONS: tuple[str, ...] = ("iid",)
+PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards", "classes")
 
 # Purpose tags that keep the seeded random streams of different jobs apart.
 _SPLIT_STREAM = 0
@@ -94,22 +94,16 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
 
 
 def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid",
-              *, seed: int = 0) -> list[np.ndarray]:
+              *, seed: int = 0, **options) -> list[np.ndarray]:
   """Splits sample indices among clients; every sample goes to exactly one.
 
-  ``iid``: a seeded permutation cut into ``num_clients`` shards whose sizes
-  differ by at most one.
+  ``iid`` cuts a seeded permutation into shards whose sizes differ by at most
+  one; ``dirichlet``, ``shards`` and ``classes`` skew the labels (options
+  ``alpha``, ``shards_per_client``, ``classes_per_client``,
+  ``min_client_size``): see :mod:`sfljax.partitions`.
   """
-  n = len(labels)
-  if num_clients < 1:
-    raise ValueError(f"number of clients must be positive, got {num_clients}")
-  if num_clients > n:
-    raise ValueError(f"{num_clients} clients but only {n} training samples: "
-                     f"use at most {n} clients")
-  if scheme != "iid":
-    raise ValueError(f"unknown partition {scheme!r}: choose one of {', '.join(PARTITIONS)}")
-  order = rng_for(seed, _PARTITION_STREAM).permutation(n)
-  return [np.sort(s) for s in np.array_split(order, num_clients)]
+  from sfljax import partitions
+  return partitions.partition(labels, num_clients, scheme, seed=seed, **options)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,10 +66,9 @@ def masked_loss(logits, labels, mask):
 def apply_with_state(module: Sequential, variables: Variables, x, mask):
   """Train-mode forward; returns (output, variables with updated state).
 
-  A batch with no real sample (a padded step) normalises over all its rows
-  instead, so nothing turns into NaN; such a step's results are discarded.
+  A batch with no real sample (a padded step) stays finite (see
+  :mod:`sfljax.models`); such a step's results are discarded by the caller.
   """
-  mask = jnp.where(jnp.any(mask), mask, True)
   out, new_stats = apply_part(module, variables, x, train=True, mask=mask)
   new_vars = dict(variables)
   if "batch_stats" in variables:
@@ -81,25 +80,25 @@ def clients_forward(executor: ClientExecutor, module: Sequential,
                     variables: Variables, x, mask):
   """All clients' forward passes; leaves of every argument lead with K.
 
-  Returns ``(smashed, new_variables, backward)`` where ``smashed`` is
-  ``[K, B, ...]``, ``new_variables`` carries the updated BatchNorm statistics
-  and ``backward(d_smashed) -> grads`` is the clients' vjp closure. Client
-  parameters are independent, so the vjp of the mapped forward yields every
-  client's own gradient.
+  Each client runs ``jax.vjp`` of its own half, so it holds its smashed data
+  and its own vjp closure (a pytree of residuals, stacked over clients by the
+  executor). Returns ``(smashed, new_variables, backward)`` where ``smashed``
+  is ``[K, B, ...]``, ``new_variables`` carries the updated BatchNorm
+  statistics and ``backward(d_smashed) -> grads`` applies every client's
+  closure to its cotangent.
   """
-  state = _state(variables)
-
-  def forward(params):
-    def one(p, s, xb, mb):
-      out, new_vars = apply_with_state(module, _with_params(s, p), xb, mb)
+  def one(params, state, xb, mb):
+    def forward(p):
+      out, new_vars = apply_with_state(module, _with_params(state, p), xb, mb)
       return out, _state(new_vars)
-    return executor.map(one, params, state, x, mask)
+    smashed, vjp_fn, new_state = jax.vjp(forward, params, has_aux=True)
+    return smashed, vjp_fn, new_state
 
-  smashed, vjp_fn, new_state = jax.vjp(forward, variables["params"], has_aux=True)
+  smashed, vjp_fns, new_state = executor.map(
+      one, variables["params"], _state(variables), x, mask)
 
   def backward(d_smashed):
-    (grads,) = vjp_fn(d_smashed)
-    return grads
+    return executor.map(lambda vjp_fn, d: vjp_fn(d)[0], vjp_fns, d_smashed)
 
   return smashed, _with_params(new_state, variables["params"]), backward
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import re
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -49,6 +50,10 @@ class Config:
   optimizer_state: str = "persistent"   # persistent | reference
   sflv2_order: str = "paper"            # paper | client
   partition: str = "iid"
+  alpha: float = 0.5                    # dirichlet concentration
+  shards_per_client: int = 2
+  classes_per_client: int = 2
+  min_client_size: int = 1
   seed: int = 0
   strategy: str = "auto"
   step_loop: str = "auto"
@@ -117,9 +122,15 @@ class Experiment:
     ds = self.dataset
     if parts is None:
       try:
-        parts = data.partition(ds.y_train, config.clients, config.partition, seed=config.seed)
-      except ValueError as e:
-        raise ConfigError("--clients", str(e)) from None
+        parts = data.partition(ds.y_train, config.clients, config.partition, seed=config.seed,
+                               alpha=config.alpha, shards_per_client=config.shards_per_client,
+                               classes_per_client=config.classes_per_client,
+                               min_client_size=config.min_client_size)
+      except ValueError as e:  # The message ends with the flag to change, e.g. "(--alpha)".
+        msg = str(e)
+        found = re.search(r"\((--[a-z-]+)\)$", msg)
+        flag = found.group(1) if found else "--partition"
+        raise ConfigError(flag, msg[:found.start()].rstrip() if found else msg) from None
     elif len(parts) != config.clients:
       raise ConfigError("--clients", f"{len(parts)} parts given for {config.clients} clients")
     self.num_participants = 1 if config.algorithm == "centralized" else config.clients
