@@ -43,7 +43,7 @@ per-client quantity is the leading one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,8 @@ class RoundInputs(NamedTuple):
   :func:`sfljax.data.batch_schedule`). weights: [K] float, the n_k.
   step_orders: [T, K], the server's client order at each synchronous step.
   client_order: [K], the turn order for client-major schedules.
+  key: the round's PRNG key; client k's batch t is augmented with
+  ``fold_in(fold_in(key, t), k)``, the same key whatever the algorithm.
   """
   x: jax.Array
   y: jax.Array
@@ -86,20 +88,31 @@ class RoundInputs(NamedTuple):
   weights: jax.Array
   step_orders: jax.Array
   client_order: jax.Array
+  key: jax.Array
 
 
-def _batch(inp: RoundInputs, t):
+def _batch_key(inp: RoundInputs, k, t):
+  return jax.random.fold_in(jax.random.fold_in(inp.key, t), k)
+
+
+def _batch(inp: RoundInputs, t, augment=None):
   """All clients' batch ``t``: x [K, B, ...], y [K, B], mask [K, B]."""
   idx = inp.idx[:, t]
   x = jax.vmap(lambda xs, i: xs[i])(inp.x, idx)
   y = jax.vmap(lambda ys, i: ys[i])(inp.y, idx)
+  if augment is not None:
+    keys = jax.vmap(lambda k: _batch_key(inp, k, t))(jnp.arange(x.shape[0]))
+    x = jax.vmap(augment)(keys, x)
   return x, y, inp.mask[:, t]
 
 
-def _client_batch(inp: RoundInputs, k, t):
+def _client_batch(inp: RoundInputs, k, t, augment=None):
   """Client ``k``'s batch ``t`` with a leading group axis of one."""
   idx = inp.idx[k, t]
-  return inp.x[k][idx][None], inp.y[k][idx][None], inp.mask[k, t][None]
+  x = inp.x[k][idx]
+  if augment is not None:
+    x = augment(_batch_key(inp, k, t), x)
+  return x[None], inp.y[k][idx][None], inp.mask[k, t][None]
 
 
 def _zeros_stats(num_clients: int) -> BatchStats:
@@ -123,6 +136,7 @@ class SplitFed:
   schedule: str = "synchronous"
   policy: OptimizerPolicy = PERSISTENT
   executor: ClientExecutor = ClientExecutor("vmap")
+  augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
   def __post_init__(self):
     if self.client_aggregation not in ("fedavg", "relay"):
@@ -220,7 +234,7 @@ class SplitFed:
     cvars, copt = carry["client"], carry["client_opt"]
     svars, sopt, acc = carry["server"], carry["server_opt"], carry["stats"]
     if self.schedule == "synchronous":
-      x, y, m = _batch(inp, t)
+      x, y, m = _batch(inp, t, self.augment)
       cvars, copt, svars, sopt, st = self._group_step(
           cvars, copt, svars, sopt, x, y, m, inp.step_orders[t])
       acc = acc + st
@@ -229,7 +243,7 @@ class SplitFed:
       k, s = inp.client_order[t // num_steps], t % num_steps
       relay = self.client_aggregation == "relay"
       cv = cvars if relay else fedavg.index(cvars, k)
-      x, y, m = _client_batch(inp, k, s)
+      x, y, m = _client_batch(inp, k, s, self.augment)
       cv, co, svars, sopt, st = self._group_step(
           _expand(cv), _expand(fedavg.index(copt, k)), svars, sopt, x, y, m,
           jnp.zeros((1,), jnp.int32))
@@ -272,6 +286,7 @@ class FedAvg:
   optimizer: optax.GradientTransformation
   policy: OptimizerPolicy = PERSISTENT
   executor: ClientExecutor = ClientExecutor("vmap")
+  augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
   def init(self, variables, num_clients: int) -> dict[str, Any]:
     opt = fedavg.broadcast(self.optimizer.init(variables["params"]), num_clients)
@@ -300,7 +315,7 @@ class FedAvg:
       v, o = keep_if(jnp.any(mb), (v_new, o_new), (v, o))
       return v, o, stats
 
-    x, y, m = _batch(inp, t)
+    x, y, m = _batch(inp, t, self.augment)
     models, opt, st = self.executor.map(local, carry["models"], carry["opt"], x, y, m)
     return {"models": models, "opt": opt, "stats": carry["stats"] + st}
 
@@ -313,10 +328,10 @@ class FedAvg:
 
 
 def build(name: str, model: SplitModel, *, cut: int, optimizer, executor,
-          policy: OptimizerPolicy = PERSISTENT, sflv2_order: str = "paper"):
+          policy: OptimizerPolicy = PERSISTENT, sflv2_order: str = "paper", augment=None):
   """The algorithm called ``name`` (see :data:`ALGORITHMS`)."""
   split = dict(model=model, cut=cut, client_optimizer=optimizer,
-               server_optimizer=optimizer, policy=policy, executor=executor)
+               server_optimizer=optimizer, policy=policy, executor=executor, augment=augment)
   if name == "sflv1":
     return SplitFed(**split, client_aggregation="fedavg", server="replicas",
                     schedule="synchronous")
@@ -328,7 +343,9 @@ def build(name: str, model: SplitModel, *, cut: int, optimizer, executor,
     return SplitFed(**split, client_aggregation="relay", server="shared",
                     schedule="client_major")
   if name == "fl":
-    return FedAvg(model=model, optimizer=optimizer, policy=policy, executor=executor)
+    return FedAvg(model=model, optimizer=optimizer, policy=policy, executor=executor,
+                  augment=augment)
   if name == "centralized":  # One optimizer for the whole run, never reset.
-    return FedAvg(model=model, optimizer=optimizer, policy=PERSISTENT, executor=executor)
+    return FedAvg(model=model, optimizer=optimizer, policy=PERSISTENT, executor=executor,
+                  augment=augment)
   raise ValueError(f"unknown algorithm {name!r}: choose one of {', '.join(ALGORITHMS)}")

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--partition", default="iid", choices=data.PARTITIONS)
   _partition_options(t)
   t.add_argument("--seed", type=int, default=0)
+  t.add_argument("--no-augment", dest="augment", action="store_false",
+                 help="skip the dataset's train augmentation (HAM10000 has one)")
   t.add_argument("--strategy", default="auto", choices=execution.STRATEGIES,
                  help="how the client axis runs: vmap, or sequential inside the program")
   t.add_argument("--step-loop", default="auto", choices=execution.STEP_LOOPS,
@@ -205,7 +207,7 @@ def _train(args) -> int:
                sflv2_order=args.sflv2_order, partition=args.partition, alpha=args.alpha,
                shards_per_client=args.shards_per_client,
                classes_per_client=args.classes_per_client,
-               min_client_size=args.min_client_size, seed=args.seed,
+               min_client_size=args.min_client_size, seed=args.seed, augment=args.augment,
                strategy=args.strategy, step_loop=args.step_loop)
   try:
     cfg.validate()

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-DATASETS: tuple[str, ...] = ("digits",)
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "ham10000")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards", "classes")
 
 # Purpose tags that keep the seeded random streams of different jobs apart.
@@ -84,13 +84,44 @@ def load_digits(seed: int = 0, *, image_size: int = 28,
                  labels[test], num_classes=10)
 
 
+def _has_idx(data_dir: str | None) -> bool:
+  return bool(data_dir) and any(
+      os.path.exists(os.path.join(data_dir, "train-images-idx3-ubyte" + ext)) for ext in ("", ".gz"))
+
+
 def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
                  image_size: int | None = None) -> Dataset:
-  """Loads a dataset by name (see :data:`DATASETS`)."""
-  del data_dir  # Only the embedded dataset so far.
+  """Loads a dataset by name (see :data:`DATASETS`).
+
+  * ``digits``: embedded, no ``data_dir`` needed.
+  * ``mnist`` / ``fashion_mnist``: the IDX files in ``data_dir`` if it holds
+    them (e.g. Debian's ``/usr/share/datasets/fashion-mnist``), else TFDS.
+  * ``cifar10``: TFDS (``data_dir`` = the TFDS data dir, default TFDS's own).
+  * ``ham10000``: the metadata csv and JPEG folders in ``data_dir``.
+
+  Problems raise :class:`sfljax.loaders.DatasetError` with a one-line message.
+  """
   if name == "digits":
     return load_digits(seed, image_size=image_size or 28)
-  raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+  from sfljax import loaders
+  if name == "ham10000":
+    if not data_dir:
+      raise loaders.DatasetError("ham10000 needs --data-dir: the folder with "
+                                 "HAM10000_metadata.csv and the image folders")
+    return loaders.load_ham10000(data_dir, seed=seed, image_size=image_size or 64)
+  if name in loaders.IDX_DATASETS and _has_idx(data_dir):
+    return loaders.load_idx(name, data_dir)
+  return loaders.load_tfds(name, data_dir)
+
+
+def augmentation(name: str):
+  """The training augmentation ``fn(key, images) -> images`` of a dataset, or None."""
+  if name == "ham10000":
+    from sfljax import loaders
+    return loaders.augment_ham10000
+  return None
 
 
 def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid",

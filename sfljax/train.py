@@ -55,6 +55,7 @@ class Config:
   classes_per_client: int = 2
   min_client_size: int = 1
   seed: int = 0
+  augment: bool = True                  # the dataset's train augmentation, if it has one
   strategy: str = "auto"
   step_loop: str = "auto"
   eval_batch_size: int = 512
@@ -117,8 +118,12 @@ class Experiment:
     """``dataset`` and ``parts`` (one index array per client) override the
     config's dataset and partition, e.g. for a custom split."""
     self.config = config = config.validate()
-    self.dataset = dataset or data.load_dataset(config.dataset, seed=config.seed,
-                                                data_dir=config.data_dir)
+    if dataset is None:
+      try:
+        dataset = data.load_dataset(config.dataset, seed=config.seed, data_dir=config.data_dir)
+      except ValueError as e:
+        raise ConfigError("--data-dir", str(e)) from None
+    self.dataset = dataset
     ds = self.dataset
     if parts is None:
       try:
@@ -153,7 +158,8 @@ class Experiment:
         optimizer=split.make_optimizer(config.optimizer, config.lr),
         executor=self.executor,
         policy=algorithms.OPTIMIZER_POLICIES[config.optimizer_state],
-        sflv2_order=config.sflv2_order)
+        sflv2_order=config.sflv2_order,
+        augment=data.augmentation(config.dataset) if config.augment else None)
 
     cd = self.client_data
     self._x = jnp.asarray(cd.x)
@@ -230,9 +236,10 @@ class Experiment:
     rng = data.rng_for(cfg.seed, 3, round_index)
     client_order = rng.permutation(k).astype(np.int32)
     step_orders = np.stack([rng.permutation(k) for _ in range(t)]).astype(np.int32)
+    key = jax.random.fold_in(jax.random.key(cfg.seed + 1), round_index)
     return algorithms.RoundInputs(self._x, self._y, jnp.asarray(idx), jnp.asarray(mask),
                                   self._weights, jnp.asarray(step_orders),
-                                  jnp.asarray(client_order))
+                                  jnp.asarray(client_order), key)
 
   # -- public API ------------------------------------------------------------
   def init(self) -> RunState:

@@ -474,7 +474,7 @@ def test_augment_matches_reference():
     np.testing.assert_allclose(out[i], _reference_augment(images[i], hflip[i], vflip[i], angle[i]),
                                atol=1e-4, err_msg=f"sample {i}")
   # Eager and jit agree.
-  np.testing.assert_allclose(np.asarray(loaders.augment_ham10000(key, images)), out, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(loaders.augment_ham10000(key, images)), out, atol=1e-4)
 
 
 def test_augment_fill_and_vmap():
