@@ -82,8 +82,10 @@ def report(spec, out):
   fig = Figure(figsize=(7, 4.5))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  for scheme, m in curves.items():
-    ax.plot([r["round"] for r in m], [100 * r["client_test_accuracy"] for r in m], label=scheme)
+  styles = ("-", "--", "-.", ":", (0, (5, 1)))   # Coinciding curves stay visible.
+  for i, (scheme, m) in enumerate(curves.items()):
+    ax.plot([r["round"] for r in m], [100 * r["client_test_accuracy"] for r in m], label=scheme,
+            linestyle=styles[i % len(styles)], linewidth=2.2 if i % 2 else 1.4)
   ax.set_xlabel("global epoch (round)")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(spec["description"].split(";")[0])
