@@ -196,8 +196,10 @@ class SplitFed:
         sv, so, d_k, st = server_one(sv, so, smashed[k], y[k], m[k], active[k])
         return (sv, so, d_all.at[k].set(d_k)), st
 
+      num = order.shape[0]
       (svars, sopt, d_smashed), stats_in_order = jax.lax.scan(
-          body, (svars, sopt, jnp.zeros_like(smashed)), order)
+          body, (svars, sopt, jnp.zeros_like(smashed)), order,
+          unroll=num if num <= self.executor.unroll_up_to else 1)
       stats = jax.tree.map(lambda s: jnp.zeros_like(s).at[order].set(s), stats_in_order)
 
     grads = backward(d_smashed)
