@@ -92,23 +92,13 @@ def _add_partition_command(sub) -> None:
 
 
 def _partition(args) -> int:
-  from sfljax import data, partitions
-  from sfljax.train import Config, ConfigError
-  cfg = Config(dataset=args.dataset, data_dir=args.data_dir, clients=args.clients,
-               partition=args.partition, alpha=args.alpha,
-               shards_per_client=args.shards_per_client,
-               classes_per_client=args.classes_per_client,
-               min_client_size=args.min_client_size, seed=args.seed)
+  from sfljax import partitions
+  from sfljax.train import ConfigError
   try:
-    cfg.validate()
+    cfg = _config(args).validate()
     ds = _load(cfg)
-    parts = data.partition(ds.y_train, cfg.clients, cfg.partition, seed=cfg.seed,
-                           alpha=cfg.alpha, shards_per_client=cfg.shards_per_client,
-                           classes_per_client=cfg.classes_per_client,
-                           min_client_size=cfg.min_client_size)
+    parts = cfg.client_partition(ds.y_train)
   except ConfigError as e:
-    raise UsageError(str(e)) from None
-  except partitions.PartitionError as e:
     raise UsageError(str(e)) from None
   counts = partitions.label_counts(ds.y_train, parts, ds.num_classes)
   print("client  samples  " + " ".join(f"{c:>5d}" for c in range(ds.num_classes)))
@@ -125,6 +115,14 @@ def _partition(args) -> int:
       raise UsageError(str(e)) from None
     print(f"plot written to {args.plot}")
   return 0
+
+
+def _config(args):
+  """A Config from the parsed flags (each flag named like a Config field)."""
+  import dataclasses
+  from sfljax.train import Config
+  return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                   if hasattr(args, f.name)})
 
 
 def _load(cfg):
@@ -199,16 +197,8 @@ class _Progress:
 
 
 def _train(args) -> int:
-  from sfljax.train import Config, ConfigError, Experiment, environment
-  cfg = Config(algorithm=args.algorithm, model=args.model, cut=args.cut, norm=args.norm,
-               dataset=args.dataset, data_dir=args.data_dir, clients=args.clients,
-               rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
-               optimizer=args.optimizer, lr=args.lr, optimizer_state=args.optimizer_state,
-               sflv2_order=args.sflv2_order, partition=args.partition, alpha=args.alpha,
-               shards_per_client=args.shards_per_client,
-               classes_per_client=args.classes_per_client,
-               min_client_size=args.min_client_size, seed=args.seed, augment=args.augment,
-               strategy=args.strategy, step_loop=args.step_loop)
+  from sfljax.train import ConfigError, Experiment, environment
+  cfg = _config(args)
   try:
     cfg.validate()
     out = _check_out(args.out, args.overwrite)

@@ -91,6 +91,20 @@ class Config:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  def client_partition(self, labels: np.ndarray) -> list[np.ndarray]:
+    """The config's partition of ``labels``; a setting that cannot be met
+    raises :class:`ConfigError` naming the flag to change."""
+    try:
+      return data.partition(labels, self.clients, self.partition, seed=self.seed,
+                            alpha=self.alpha, shards_per_client=self.shards_per_client,
+                            classes_per_client=self.classes_per_client,
+                            min_client_size=self.min_client_size)
+    except ValueError as e:  # The message ends with the flag to change, e.g. "(--alpha)".
+      msg = str(e)
+      found = re.search(r"\((--[a-z-]+)\)$", msg)
+      flag = found.group(1) if found else "--partition"
+      raise ConfigError(flag, msg[:found.start()].rstrip() if found else msg) from None
+
 
 class RunState(NamedTuple):
   """The algorithm's pytree state and the number of finished rounds."""
@@ -126,16 +140,7 @@ class Experiment:
     self.dataset = dataset
     ds = self.dataset
     if parts is None:
-      try:
-        parts = data.partition(ds.y_train, config.clients, config.partition, seed=config.seed,
-                               alpha=config.alpha, shards_per_client=config.shards_per_client,
-                               classes_per_client=config.classes_per_client,
-                               min_client_size=config.min_client_size)
-      except ValueError as e:  # The message ends with the flag to change, e.g. "(--alpha)".
-        msg = str(e)
-        found = re.search(r"\((--[a-z-]+)\)$", msg)
-        flag = found.group(1) if found else "--partition"
-        raise ConfigError(flag, msg[:found.start()].rstrip() if found else msg) from None
+      parts = config.client_partition(ds.y_train)
     elif len(parts) != config.clients:
       raise ConfigError("--clients", f"{len(parts)} parts given for {config.clients} clients")
     self.num_participants = 1 if config.algorithm == "centralized" else config.clients
@@ -313,7 +318,7 @@ class Experiment:
       history.append(metrics)
       if callback is not None:
         callback(metrics)
-    self.final_state = state
+    self.final_state = state  # The last round's state, for inspection after run().
     return history
 
 

@@ -37,5 +37,7 @@ def test_fl_and_centralized_traffic():
 def test_metrics_report_the_counts():
   exp = Experiment(Config(algorithm="sflv2", clients=3, rounds=1))
   (m,) = exp.run()
-  assert m["bytes_client_to_server"] == exp.traffic.client_to_server
-  assert m["bytes_smashed"] == len(exp.dataset.y_train) * Q
+  p = len(exp.dataset.y_train)
+  assert m["bytes_client_to_server"] == p * Q + p * F32 + 3 * CLIENT_PARAMS * F32
+  assert m["bytes_server_to_client"] == p * Q + 3 * CLIENT_PARAMS * F32
+  assert m["bytes_smashed"] == p * Q
