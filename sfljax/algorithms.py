@@ -79,7 +79,12 @@ class RoundInputs(NamedTuple):
   step_orders: [T, K], the server's client order at each synchronous step.
   client_order: [K], the turn order for client-major schedules.
   key: the round's PRNG key; client k's batch t is augmented with
-  ``fold_in(fold_in(key, t), k)``, the same key whatever the algorithm.
+  ``fold_in(fold_in(key, t), c)`` where c is its client id, the same key
+  whatever the algorithm.
+  clients: [M] int32 or None. With partial participation the round's M
+  participants: rows of ``x``/``y`` and of every per-client state; ``idx``,
+  ``mask``, ``weights``, the orders and the stats then have M rows (row m is
+  client ``clients[m]``). None: all K clients take part, in order.
   """
   x: jax.Array
   y: jax.Array
@@ -89,30 +94,46 @@ class RoundInputs(NamedTuple):
   step_orders: jax.Array
   client_order: jax.Array
   key: jax.Array
+  clients: jax.Array | None = None
 
 
-def _batch_key(inp: RoundInputs, k, t):
-  return jax.random.fold_in(jax.random.fold_in(inp.key, t), k)
+def _client_ids(inp: RoundInputs):
+  """The participants' client ids, [M]."""
+  return jnp.arange(inp.idx.shape[0]) if inp.clients is None else inp.clients
+
+
+def _participants(tree, inp: RoundInputs):
+  """The rows of a per-client [K] pytree that take part in the round ([M])."""
+  return tree if inp.clients is None else fedavg.index(tree, inp.clients)
+
+
+def _write_back(full, part, inp: RoundInputs):
+  """Writes the participants' rows back into a per-client [K] pytree."""
+  return part if inp.clients is None else fedavg.update_index(full, inp.clients, part)
+
+
+def _batch_key(inp: RoundInputs, client_id, t):
+  return jax.random.fold_in(jax.random.fold_in(inp.key, t), client_id)
 
 
 def _batch(inp: RoundInputs, t, augment=None):
-  """All clients' batch ``t``: x [K, B, ...], y [K, B], mask [K, B]."""
-  idx = inp.idx[:, t]
-  x = jax.vmap(lambda xs, i: xs[i])(inp.x, idx)
-  y = jax.vmap(lambda ys, i: ys[i])(inp.y, idx)
+  """All participants' batch ``t``: x [M, B, ...], y [M, B], mask [M, B]."""
+  idx, ids = inp.idx[:, t], _client_ids(inp)
+  x = jax.vmap(lambda c, i: inp.x[c][i])(ids, idx)
+  y = jax.vmap(lambda c, i: inp.y[c][i])(ids, idx)
   if augment is not None:
-    keys = jax.vmap(lambda k: _batch_key(inp, k, t))(jnp.arange(x.shape[0]))
+    keys = jax.vmap(lambda c: _batch_key(inp, c, t))(ids)
     x = jax.vmap(augment)(keys, x)
   return x, y, inp.mask[:, t]
 
 
 def _client_batch(inp: RoundInputs, k, t, augment=None):
-  """Client ``k``'s batch ``t`` with a leading group axis of one."""
-  idx = inp.idx[k, t]
-  x = inp.x[k][idx]
+  """Participant ``k``'s batch ``t`` with a leading group axis of one."""
+  idx, c = inp.idx[k, t], _client_ids(inp)[k]
+  x = inp.x[c][idx]
   if augment is not None:
-    x = augment(_batch_key(inp, k, t), x)
-  return x[None], inp.y[k][idx][None], inp.mask[k, t][None]
+    x = augment(_batch_key(inp, c, t), x)
+  return x[None], inp.y[c][idx][None], inp.mask[k, t][None]
 
 
 def _zeros_stats(num_clients: int) -> BatchStats:
@@ -137,6 +158,7 @@ class SplitFed:
   policy: OptimizerPolicy = PERSISTENT
   executor: ClientExecutor = ClientExecutor("vmap")
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  compute_dtype: Any = None   # e.g. jnp.bfloat16: mixed precision, float32 master weights
 
   def __post_init__(self):
     if self.client_aggregation not in ("fedavg", "relay"):
@@ -179,10 +201,12 @@ class SplitFed:
     client_mod, server_mod = self.modules
     active = jnp.any(m, axis=-1)
     reset = self.policy.server_reset_each_step
-    smashed, cvars_fwd, backward = clients_forward(self.executor, client_mod, cvars, x, m)
+    smashed, cvars_fwd, backward = clients_forward(self.executor, client_mod, cvars, x, m,
+                                                   self.compute_dtype)
 
     def server_one(sv, so, a, yb, mb, act):
-      grads, d_a, sv_new, stats = server_forward_backward(server_mod, sv, a, yb, mb)
+      grads, d_a, sv_new, stats = server_forward_backward(server_mod, sv, a, yb, mb,
+                                                          self.compute_dtype)
       sv_new, so_new = optimizer_step(self.server_optimizer, sv_new, so, grads, reset=reset)
       sv, so = keep_if(act, (sv_new, so_new), (sv, so))
       return sv, so, d_a, stats
@@ -218,18 +242,24 @@ class SplitFed:
     return t if self.schedule == "synchronous" else k * t
 
   def begin(self, state, inp: RoundInputs):
-    """The round's working state: clients (and replicas) start from the global models."""
+    """The round's working state: participants (and replicas) start from the global models."""
     num_clients = inp.weights.shape[0]
     client, server = state["client"], state["server"]
-    copt = state["client_opt"]
+    copt = _participants(state["client_opt"], inp)
     if self.policy.client_reset_each_round:
       copt = fedavg.broadcast(self.client_optimizer.init(client["params"]), num_clients)
+    replicas = self.server == "replicas"
+    sopt = _participants(state["server_opt"], inp) if replicas else state["server_opt"]
     relay = self.client_aggregation == "relay"
-    return {"client": client if relay else fedavg.broadcast(client, num_clients),
-            "client_opt": copt,
-            "server": fedavg.broadcast(server, num_clients) if self.server == "replicas" else server,
-            "server_opt": state["server_opt"],
-            "stats": _zeros_stats(num_clients)}
+    carry = {"client": client if relay else fedavg.broadcast(client, num_clients),
+             "client_opt": copt,
+             "server": fedavg.broadcast(server, num_clients) if replicas else server,
+             "server_opt": sopt,
+             "stats": _zeros_stats(num_clients)}
+    if inp.clients is not None:  # Every client's own states, to write the participants' back into.
+      carry["all"] = {"client_opt": state["client_opt"],
+                      "server_opt": state["server_opt"] if replicas else None}
+    return carry
 
   def step(self, carry, inp: RoundInputs, t):
     """Step ``t`` of the round (see :meth:`num_steps`)."""
@@ -253,7 +283,7 @@ class SplitFed:
       cvars = cv if relay else fedavg.update_index(cvars, k, cv)
       copt = fedavg.update_index(copt, k, co)
       acc = jax.tree.map(lambda a, v: a.at[k].add(v), acc, st)
-    return {"client": cvars, "client_opt": copt, "server": svars, "server_opt": sopt,
+    return {**carry, "client": cvars, "client_opt": copt, "server": svars, "server_opt": sopt,
             "stats": acc}
 
   def end(self, carry, inp: RoundInputs):
@@ -261,10 +291,13 @@ class SplitFed:
     client, server = carry["client"], carry["server"]
     if self.client_aggregation == "fedavg":
       client = fedavg.weighted_average(client, inp.weights)
+    copt, sopt = carry["client_opt"], carry["server_opt"]
     if self.server == "replicas":
       server = fedavg.weighted_average(server, inp.weights)
-    return ({"client": client, "server": server, "client_opt": carry["client_opt"],
-             "server_opt": carry["server_opt"]}, carry["stats"])
+      sopt = _write_back(carry.get("all", {}).get("server_opt"), sopt, inp)
+    copt = _write_back(carry.get("all", {}).get("client_opt"), copt, inp)
+    return ({"client": client, "server": server, "client_opt": copt,
+             "server_opt": sopt}, carry["stats"])
 
   def round(self, state, inp: RoundInputs):
     """One global epoch in one program (steps under ``lax.fori_loop``)."""
@@ -289,6 +322,7 @@ class FedAvg:
   policy: OptimizerPolicy = PERSISTENT
   executor: ClientExecutor = ClientExecutor("vmap")
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  compute_dtype: Any = None
 
   def init(self, variables, num_clients: int) -> dict[str, Any]:
     opt = fedavg.broadcast(self.optimizer.init(variables["params"]), num_clients)
@@ -302,38 +336,43 @@ class FedAvg:
 
   def begin(self, state, inp: RoundInputs):
     num_clients = inp.weights.shape[0]
-    opt = state["opt"]
+    opt = _participants(state["opt"], inp)
     if self.policy.client_reset_each_round:
       opt = fedavg.broadcast(self.optimizer.init(state["model"]["params"]), num_clients)
-    return {"models": fedavg.broadcast(state["model"], num_clients), "opt": opt,
-            "stats": _zeros_stats(num_clients)}
+    carry = {"models": fedavg.broadcast(state["model"], num_clients), "opt": opt,
+             "stats": _zeros_stats(num_clients)}
+    if inp.clients is not None:
+      carry["all_opt"] = state["opt"]
+    return carry
 
   def step(self, carry, inp: RoundInputs, t):
     module = self.model.full()
 
     def local(v, o, xb, yb, mb):
-      grads, v_fwd, stats = full_forward_backward(module, v, xb, yb, mb)
+      grads, v_fwd, stats = full_forward_backward(module, v, xb, yb, mb, self.compute_dtype)
       v_new, o_new = optimizer_step(self.optimizer, v_fwd, o, grads)
       v, o = keep_if(jnp.any(mb), (v_new, o_new), (v, o))
       return v, o, stats
 
     x, y, m = _batch(inp, t, self.augment)
     models, opt, st = self.executor.map(local, carry["models"], carry["opt"], x, y, m)
-    return {"models": models, "opt": opt, "stats": carry["stats"] + st}
+    return {**carry, "models": models, "opt": opt, "stats": carry["stats"] + st}
 
   def end(self, carry, inp: RoundInputs):
     return ({"model": fedavg.weighted_average(carry["models"], inp.weights),
-             "opt": carry["opt"]}, carry["stats"])
+             "opt": _write_back(carry.get("all_opt"), carry["opt"], inp)}, carry["stats"])
 
   def round(self, state, inp: RoundInputs):
     return _fused_round(self, state, inp)
 
 
 def build(name: str, model: SplitModel, *, cut: int, optimizer, executor,
-          policy: OptimizerPolicy = PERSISTENT, sflv2_order: str = "paper", augment=None):
+          policy: OptimizerPolicy = PERSISTENT, sflv2_order: str = "paper", augment=None,
+          compute_dtype=None):
   """The algorithm called ``name`` (see :data:`ALGORITHMS`)."""
+  common = dict(executor=executor, augment=augment, compute_dtype=compute_dtype)
   split = dict(model=model, cut=cut, client_optimizer=optimizer,
-               server_optimizer=optimizer, policy=policy, executor=executor, augment=augment)
+               server_optimizer=optimizer, policy=policy, **common)
   if name == "sflv1":
     return SplitFed(**split, client_aggregation="fedavg", server="replicas",
                     schedule="synchronous")
@@ -345,9 +384,7 @@ def build(name: str, model: SplitModel, *, cut: int, optimizer, executor,
     return SplitFed(**split, client_aggregation="relay", server="shared",
                     schedule="client_major")
   if name == "fl":
-    return FedAvg(model=model, optimizer=optimizer, policy=policy, executor=executor,
-                  augment=augment)
+    return FedAvg(model=model, optimizer=optimizer, policy=policy, **common)
   if name == "centralized":  # One optimizer for the whole run, never reset.
-    return FedAvg(model=model, optimizer=optimizer, policy=PERSISTENT, executor=executor,
-                  augment=augment)
+    return FedAvg(model=model, optimizer=optimizer, policy=PERSISTENT, **common)
   raise ValueError(f"unknown algorithm {name!r}: choose one of {', '.join(ALGORITHMS)}")

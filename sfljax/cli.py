@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
                  help="how the client axis runs: vmap, or sequential inside the program")
   t.add_argument("--step-loop", default="auto", choices=execution.STEP_LOOPS,
                  help="scan: one compiled round; python: a loop over one compiled step")
+  t.add_argument("--client-fraction", type=float, default=1.0,
+                 help="fraction of clients taking part in each round (seeded sampling; "
+                      "shapes stay fixed, so sampling never recompiles)")
+  t.add_argument("--client-block", type=int, default=None,
+                 help="compute at most this many clients at once inside the program "
+                      "(bounds memory; same result as one block)")
+  t.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                 help="bf16: bfloat16 compute with float32 master weights (for accelerators)")
   t.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
   t.add_argument("--overwrite", action="store_true",
                  help="replace an existing run directory given by --out")

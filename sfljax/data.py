@@ -27,6 +27,8 @@ PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards", "classes")
 _SPLIT_STREAM = 0
 _PARTITION_STREAM = 1
 _BATCH_STREAM = 2
+_ORDER_STREAM = 3         # client orders (sfljax.train)
+_PARTICIPATION_STREAM = 4
 
 
 def rng_for(seed: int, *path: int) -> np.random.Generator:
@@ -178,12 +180,15 @@ def steps_per_epoch(counts: np.ndarray, batch_size: int) -> int:
 
 def batch_schedule(counts: np.ndarray, batch_size: int, *, seed: int,
                    round_index: int, local_epochs: int = 1,
-                   client_ids: Sequence[int] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   client_ids: Sequence[int] | None = None,
+                   steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Per-client sample order for one round.
 
   Returns ``idx`` and ``mask``, both ``[K, local_epochs * S, batch_size]``
-  with ``S = ceil(max_k n_k / batch_size)``. Client k's epoch e visits a
+  with ``S = ceil(max_k n_k / batch_size)``, or ``S = steps`` if given (at
+  least that: with partial participation ``steps`` comes from all clients so
+  that every round has the same shapes). ``client_ids`` names the clients
+  whose ``counts`` are given (default ``range(K)``). Client k's epoch e visits a
   permutation of ``range(n_k)`` drawn from ``(seed, round, client id, e)``, in
   consecutive batches (the last one partial); steps past its data are fully
   masked and must leave its model unchanged.
@@ -192,6 +197,10 @@ def batch_schedule(counts: np.ndarray, batch_size: int, *, seed: int,
   k_total = len(counts)
   ids = range(k_total) if client_ids is None else client_ids
   s = steps_per_epoch(counts, batch_size)
+  if steps is not None:
+    if steps < s:
+      raise ValueError(f"steps={steps} is fewer than the {s} the largest client needs")
+    s = steps
   idx = np.zeros((k_total, local_epochs * s * batch_size), np.int32)
   mask = np.zeros((k_total, local_epochs * s * batch_size), bool)
   for k, cid in enumerate(ids):
@@ -203,3 +212,20 @@ def batch_schedule(counts: np.ndarray, batch_size: int, *, seed: int,
       mask[k, start:start + n] = True
   shape = (k_total, local_epochs * s, batch_size)
   return idx.reshape(shape), mask.reshape(shape)
+
+
+def sample_clients(num_clients: int, fraction: float, *, seed: int,
+                   round_index: int) -> np.ndarray | None:
+  """The round's participants: ``max(1, round(fraction * K))`` distinct client
+  ids in increasing order, drawn from ``(seed, round)`` alone (so a resumed
+  run draws the same ones); None when every client takes part."""
+  if fraction >= 1.0:
+    return None
+  m = num_participants(num_clients, fraction)
+  ids = rng_for(seed, _PARTICIPATION_STREAM, round_index).choice(num_clients, m, replace=False)
+  return np.sort(ids).astype(np.int32)
+
+
+def num_participants(num_clients: int, fraction: float) -> int:
+  """Clients per round for a participation fraction (at least one)."""
+  return num_clients if fraction >= 1.0 else max(1, int(round(fraction * num_clients)))

@@ -18,6 +18,15 @@ compiled round (``step_loop="scan"``) or by a Python loop over one compiled
 step (``"python"``; no host round-trip: dispatch is asynchronous and metrics
 are pulled once per round).
 
+With a ``mesh`` (a :class:`jax.sharding.Mesh` with an axis named
+``"clients"``, see :func:`sfljax.distributed.client_mesh`) the client axis is
+additionally split over the mesh's devices with :func:`jax.shard_map`: each
+device runs its K/D local clients with the strategy above, and the outputs
+keep their leading client axis sharded over ``"clients"``. Everything outside
+``map`` (FedAvg's weighted sum, a shared server's loop over clients) is left
+to the compiler (GSPMD), so FedAvg becomes a cross-device reduction. A group
+of one client (client-major schedules) is not split.
+
 ``auto`` picks per backend from the measurements in the README: on XLA:CPU a
 vmapped convolution with per-client weights lowers to a grouped convolution
 whose gradient is far slower than running the clients one by one, and loop
@@ -32,6 +41,11 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+CLIENT_AXIS = "clients"
+"""The mesh axis the client axis is sharded over."""
 
 STRATEGIES: tuple[str, ...] = ("auto", "vmap", "sequential")
 STEP_LOOPS: tuple[str, ...] = ("auto", "scan", "python")
@@ -39,20 +53,65 @@ STEP_LOOPS: tuple[str, ...] = ("auto", "scan", "python")
 
 @dataclasses.dataclass(frozen=True)
 class ClientExecutor:
-  """Maps a per-client function over a leading client axis."""
+  """Maps a per-client function over a leading client axis.
+
+  With ``mesh`` the clients are split over the mesh's ``"clients"`` axis and
+  every device maps ``fn`` over its own clients with this strategy.
+  """
   name: str
   block: int | None = None
   step_loop: str = "scan"
 
   unroll_up_to: int = 8   # sequential: unroll the client loop for at most this many clients
+  mesh: Mesh | None = None
+
+  def __post_init__(self):
+    if self.mesh is not None and CLIENT_AXIS not in self.mesh.axis_names:
+      raise ValueError(f"the executor's mesh needs an axis named {CLIENT_AXIS!r}, "
+                       f"got axes {self.mesh.axis_names}")
+
+  @property
+  def num_devices(self) -> int:
+    """Devices the client axis is split over (1 without a mesh)."""
+    return 1 if self.mesh is None else int(self.mesh.shape[CLIENT_AXIS])
 
   def map(self, fn: Callable[..., Any], *args):
+    """``fn`` applied to every client's slice of ``args`` (this strategy)."""
+    return self._split(self._map_local, fn, args)
+
+  def vmap(self, fn: Callable[..., Any], *args):
+    """``jax.vmap(fn)(*args)``, split over the mesh's devices if there is one.
+
+    For cheap per-client work outside :meth:`map` (e.g. gathering the
+    clients' batches from their data) that should stay on the device that
+    holds the client instead of being left to the compiler's partitioner.
+    """
+    return self._split(lambda f, *a: jax.vmap(f)(*a), fn, args)
+
+  def _split(self, local_map, fn, args):
     num = jax.tree.leaves(args)[0].shape[0]
+    devices = self.num_devices
+    if devices == 1 or num == 1:
+      return local_map(fn, *args)
+    if num % devices:
+      raise ValueError(f"{num} clients cannot be split evenly over {devices} devices: "
+                       f"use a number of clients divisible by {devices} or change --devices")
+    spec = PartitionSpec(CLIENT_AXIS)
+    # Every input and output is split over the clients and nothing is reduced
+    # inside, so there are no replication types to check; unchecked, a
+    # custom_vjp (sfljax.conv) whose vjp closure crosses from the forward
+    # shard_map to the backward one keeps a consistent type.
+    return jax.shard_map(lambda *a: local_map(fn, *a), mesh=self.mesh,
+                         in_specs=tuple(spec for _ in args), out_specs=spec,
+                         check_vma=False)(*args)
+
+  def _map_local(self, fn: Callable[..., Any], *args):
+    num = jax.tree.leaves(args)[0].shape[0]
+    if self.block and num > self.block:
+      return _blocked(fn, args, num, self.block)
     if self.name == "vmap" or num == 1:
       return jax.vmap(fn)(*args)
     if self.name == "sequential":
-      if self.block:
-        return jax.lax.map(lambda a: fn(*a), args, batch_size=self.block)
       unroll = num if num <= self.unroll_up_to else 1
       _, out = jax.lax.scan(lambda c, a: (c, fn(*a)), None, args, unroll=unroll)
       return out
@@ -60,15 +119,43 @@ class ClientExecutor:
 
 
 def resolve(strategy: str = "auto", backend: str | None = None,
-            block: int | None = None, step_loop: str = "auto") -> ClientExecutor:
-  """The executor for a strategy name; ``auto`` chooses by backend."""
+            block: int | None = None, step_loop: str = "auto",
+            mesh: Mesh | None = None) -> ClientExecutor:
+  """The executor for a strategy name; ``auto`` chooses by backend.
+
+  ``mesh``: split the clients over its ``"clients"`` axis (see
+  :func:`sfljax.distributed.client_mesh`); ``auto`` then uses the mesh
+  devices' platform.
+  """
   if strategy not in STRATEGIES:
     raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
   if step_loop not in STEP_LOOPS:
     raise ValueError(f"unknown step loop {step_loop!r}: choose one of {', '.join(STEP_LOOPS)}")
+  if backend is None and mesh is not None:
+    backend = mesh.devices.flat[0].platform
   backend = backend or jax.default_backend()
   if strategy == "auto":
     strategy = "sequential" if backend == "cpu" else "vmap"
   if step_loop == "auto":
     step_loop = "python" if backend == "cpu" else "scan"
-  return ClientExecutor(strategy, block, step_loop)
+  return ClientExecutor(strategy, block, step_loop, mesh=mesh)
+
+
+def _blocked(fn, args, num: int, block: int):
+  """Blocks of ``block`` clients, vmapped inside a block, one block after another.
+
+  The client axis is padded to whole blocks by repeating the last client (its
+  results are cut off), so every block -- and every output, vjp closures
+  included -- has one shape.
+  """
+  blocks = -(-num // block)
+  pad = blocks * block - num
+
+  def to_blocks(x):
+    if pad:
+      x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
+    return x.reshape((blocks, block) + x.shape[1:])
+
+  _, out = jax.lax.scan(lambda c, a: (c, jax.vmap(fn)(*a)), None,
+                        jax.tree.map(to_blocks, args))
+  return jax.tree.map(lambda y: y.reshape((blocks * block,) + y.shape[2:])[:num], out)

@@ -63,21 +63,36 @@ def masked_loss(logits, labels, mask):
   return loss_sum / jnp.maximum(count, 1.0), BatchStats(loss_sum, correct, count)
 
 
-def apply_with_state(module: Sequential, variables: Variables, x, mask):
+def _cast_floats(tree, dtype):
+  return jax.tree.map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def apply_with_state(module: Sequential, variables: Variables, x, mask, compute_dtype=None):
   """Train-mode forward; returns (output, variables with updated state).
+
+  With ``compute_dtype`` (e.g. ``jnp.bfloat16``: mixed precision) the
+  parameters and the input are cast to it for the computation only: the
+  stored (master) parameters and BatchNorm statistics keep their own dtype,
+  and gradients reach the master parameters through the cast, in their dtype.
 
   A batch with no real sample (a padded step) stays finite (see
   :mod:`sfljax.models`); such a step's results are discarded by the caller.
   """
-  out, new_stats = apply_part(module, variables, x, train=True, mask=mask)
+  run_vars = variables
+  if compute_dtype is not None:
+    run_vars = {**variables, "params": _cast_floats(variables["params"], compute_dtype)}
+    x = _cast_floats(x, compute_dtype)
+  out, new_stats = apply_part(module, run_vars, x, train=True, mask=mask)
   new_vars = dict(variables)
   if "batch_stats" in variables:
-    new_vars["batch_stats"] = new_stats
+    new_vars["batch_stats"] = jax.tree.map(lambda n, o: n.astype(o.dtype), new_stats,
+                                           variables["batch_stats"])
   return out, new_vars
 
 
 def clients_forward(executor: ClientExecutor, module: Sequential,
-                    variables: Variables, x, mask):
+                    variables: Variables, x, mask, compute_dtype=None):
   """All clients' forward passes; leaves of every argument lead with K.
 
   Each client runs ``jax.vjp`` of its own half, so it holds its smashed data
@@ -85,11 +100,12 @@ def clients_forward(executor: ClientExecutor, module: Sequential,
   executor). Returns ``(smashed, new_variables, backward)`` where ``smashed``
   is ``[K, B, ...]``, ``new_variables`` carries the updated BatchNorm
   statistics and ``backward(d_smashed) -> grads`` applies every client's
-  closure to its cotangent.
+  closure to its cotangent. With ``compute_dtype`` the smashed data (and the
+  cotangent) are in that dtype.
   """
   def one(params, state, xb, mb):
     def forward(p):
-      out, new_vars = apply_with_state(module, _with_params(state, p), xb, mb)
+      out, new_vars = apply_with_state(module, _with_params(state, p), xb, mb, compute_dtype)
       return out, _state(new_vars)
     smashed, vjp_fn, new_state = jax.vjp(forward, params, has_aux=True)
     return smashed, vjp_fn, new_state
@@ -104,7 +120,7 @@ def clients_forward(executor: ClientExecutor, module: Sequential,
 
 
 def server_forward_backward(module: Sequential, variables: Variables,
-                            smashed, labels, mask):
+                            smashed, labels, mask, compute_dtype=None):
   """Server half forward + loss + backward for one client's smashed data.
 
   Returns ``(grads, d_smashed, new_variables, stats)``: the server's parameter
@@ -112,8 +128,9 @@ def server_forward_backward(module: Sequential, variables: Variables,
   updated BatchNorm statistics, and the batch sums.
   """
   def loss_fn(params, a):
-    logits, new_vars = apply_with_state(module, _with_params(variables, params), a, mask)
-    loss, stats = masked_loss(logits, labels, mask)
+    logits, new_vars = apply_with_state(module, _with_params(variables, params), a, mask,
+                                        compute_dtype)
+    loss, stats = masked_loss(logits.astype(jnp.float32), labels, mask)
     return loss, (new_vars, stats)
 
   (_, (new_vars, stats)), (grads, d_smashed) = jax.value_and_grad(
@@ -121,11 +138,13 @@ def server_forward_backward(module: Sequential, variables: Variables,
   return grads, d_smashed, new_vars, stats
 
 
-def full_forward_backward(module: Sequential, variables: Variables, x, labels, mask):
+def full_forward_backward(module: Sequential, variables: Variables, x, labels, mask,
+                          compute_dtype=None):
   """Whole-model gradient, for the non-split baselines (FL, centralized)."""
   def loss_fn(params):
-    logits, new_vars = apply_with_state(module, _with_params(variables, params), x, mask)
-    loss, stats = masked_loss(logits, labels, mask)
+    logits, new_vars = apply_with_state(module, _with_params(variables, params), x, mask,
+                                        compute_dtype)
+    loss, stats = masked_loss(logits.astype(jnp.float32), labels, mask)
     return loss, (new_vars, stats)
 
   (_, (new_vars, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -163,3 +182,8 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
 
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+
+PRECISIONS: dict[str, Any] = {"fp32": None, "bf16": jnp.bfloat16}
+"""Compute dtypes: ``fp32`` computes in the parameters' dtype; ``bf16`` casts
+parameters and inputs to bfloat16 for the forward/backward passes while the
+master parameters, optimizer states and BatchNorm statistics stay float32."""

@@ -59,6 +59,9 @@ class Config:
   strategy: str = "auto"
   step_loop: str = "auto"
   eval_batch_size: int = 512
+  client_fraction: float = 1.0          # participants per round: max(1, round(fraction * clients))
+  client_block: int | None = None       # clients computed at once inside the program (memory bound)
+  precision: str = "fp32"               # fp32 | bf16 (bf16 compute, float32 master weights)
 
   def validate(self) -> "Config":
     """Raises :class:`ConfigError` for a setting that cannot run."""
@@ -74,6 +77,7 @@ class Config:
     choice("--partition", self.partition, data.PARTITIONS)
     choice("--optimizer-state", self.optimizer_state, tuple(algorithms.OPTIMIZER_POLICIES))
     choice("--sflv2-order", self.sflv2_order, ("paper", "client"))
+    choice("--precision", self.precision, tuple(split.PRECISIONS))
     if self.norm is not None:
       choice("--norm", self.norm, ("batch", "group", "none"))
     for flag, value in (("--clients", self.clients), ("--rounds", self.rounds),
@@ -86,6 +90,14 @@ class Config:
       raise ConfigError("--lr", f"must be a positive number, got {self.lr!r}")
     if self.cut is not None and (not isinstance(self.cut, (int, np.integer)) or self.cut <= 0):
       raise ConfigError("--cut", f"must be a positive integer, got {self.cut!r}")
+    if self.client_block is not None and (
+        not isinstance(self.client_block, (int, np.integer)) or self.client_block <= 0):
+      raise ConfigError("--client-block", f"must be a positive integer, got {self.client_block!r}")
+    if not (isinstance(self.client_fraction, (int, float)) and 0 < self.client_fraction <= 1):
+      raise ConfigError("--client-fraction",
+                        f"must be in (0, 1], got {self.client_fraction!r}")
+    if self.client_fraction < 1 and self.algorithm == "centralized":
+      raise ConfigError("--client-fraction", "centralized training has one client: use 1")
     return self
 
   def to_dict(self) -> dict[str, Any]:
@@ -143,7 +155,6 @@ class Experiment:
       parts = config.client_partition(ds.y_train)
     elif len(parts) != config.clients:
       raise ConfigError("--clients", f"{len(parts)} parts given for {config.clients} clients")
-    self.num_participants = 1 if config.algorithm == "centralized" else config.clients
     maker = data.ClientData.pooled if config.algorithm == "centralized" else data.ClientData.from_partition
     self.client_data = maker(ds.x_train, ds.y_train, parts)
 
@@ -157,14 +168,17 @@ class Experiment:
       (self.cut,) = self.model.check_cut(cut)
     except ValueError as e:
       raise ConfigError("--cut", str(e)) from None
-    self.executor = execution.resolve(config.strategy, step_loop=config.step_loop)
+    self.executor = execution.resolve(config.strategy, step_loop=config.step_loop,
+                                      block=config.client_block)
+    self.compute_dtype = split.PRECISIONS[config.precision]
     self.algorithm = algorithms.build(
         config.algorithm, self.model, cut=self.cut,
         optimizer=split.make_optimizer(config.optimizer, config.lr),
         executor=self.executor,
         policy=algorithms.OPTIMIZER_POLICIES[config.optimizer_state],
         sflv2_order=config.sflv2_order,
-        augment=data.augmentation(config.dataset) if config.augment else None)
+        augment=data.augmentation(config.dataset) if config.augment else None,
+        compute_dtype=self.compute_dtype)
 
     cd = self.client_data
     self._x = jnp.asarray(cd.x)
@@ -172,21 +186,24 @@ class Experiment:
     self._weights = jnp.asarray(cd.counts, jnp.float32)
     self.trace_count = 0  # Tracings of the round's programs (tests: no recompilation).
 
-    def counted(fn):
+    def counted(fn, donate=()):
       def traced(*args):
         self.trace_count += 1
         return fn(*args)
-      return jax.jit(traced)
+      return jax.jit(traced, donate_argnums=donate)
 
     alg = self.algorithm
     if self.executor.step_loop == "scan":
       self._programs = {"round": counted(alg.round)}
-    else:
-      self._programs = {"begin": counted(alg.begin), "step": counted(alg.step),
+    else:  # The round's working state (carry) is internal: its buffers are donated.
+      self._programs = {"begin": counted(alg.begin), "step": counted(alg.step, donate=(0,)),
                         "end": counted(alg.end)}
     self._eval = jax.jit(self._evaluate_arrays)
     self._prepare_test_set()
-    self.traffic = self._traffic()
+    self.num_participants = data.num_participants(cd.num_clients, config.client_fraction)
+    self._steps = data.steps_per_epoch(cd.counts, config.batch_size)
+    self._traffic_sizes = self._sizes()
+    self.traffic = self.traffic_for(cd.counts)
     self.compile_seconds: float | None = None
 
   # -- pieces ----------------------------------------------------------------
@@ -216,35 +233,53 @@ class Experiment:
     loss, correct = jax.lax.map(one, (x, y))
     return loss.reshape(-1), correct.reshape(-1)
 
-  def _traffic(self) -> comm.Traffic:
-    cfg, cd = self.config, self.client_data
-    if cfg.algorithm == "centralized":
-      return comm.Traffic()
+  def _sizes(self) -> dict[str, int]:
+    """Bytes of the things that travel: whole model, client model, one smashed row, one label."""
     shapes = jax.eval_shape(self.model.init, jax.random.key(0))
-    if cfg.algorithm == "fl":
-      return comm.fl_traffic(cd.num_clients, comm.tree_bytes(shapes))
     client_vars, _ = self.model.split_variables(shapes, (self.cut,))
     client_mod, _ = self.model.parts((self.cut,))
     x1 = jax.ShapeDtypeStruct((1,) + self.dataset.input_shape, jnp.float32)
     smashed = jax.eval_shape(
-        lambda v, x: models.apply_part(client_mod, v, x, train=True)[0], client_vars, x1)
-    label_bytes = np.dtype(cd.y.dtype).itemsize
-    return comm.split_traffic(cd.counts, cfg.local_epochs, comm.tree_bytes(smashed),
-                              label_bytes, comm.tree_bytes(client_vars))
+        lambda v, x: split.apply_with_state(client_mod, v, x, None, self.compute_dtype)[0],
+        client_vars, x1)
+    return {"model": comm.tree_bytes(shapes), "client_model": comm.tree_bytes(client_vars),
+            "smashed": comm.tree_bytes(smashed),
+            "label": np.dtype(self.client_data.y.dtype).itemsize}
+
+  def traffic_for(self, counts) -> comm.Traffic:
+    """Bytes moved in a round in which clients holding ``counts`` samples take part."""
+    cfg, size = self.config, self._traffic_sizes
+    if cfg.algorithm == "centralized":
+      return comm.Traffic()
+    if cfg.algorithm == "fl":
+      return comm.fl_traffic(len(counts), size["model"])
+    return comm.split_traffic(counts, cfg.local_epochs, size["smashed"], size["label"],
+                              size["client_model"])
+
+  def participants(self, round_index: int) -> np.ndarray | None:
+    """The client ids taking part in a round (None: all of them)."""
+    return data.sample_clients(self.client_data.num_clients, self.config.client_fraction,
+                               seed=self.config.seed, round_index=round_index)
 
   def round_inputs(self, round_index: int) -> algorithms.RoundInputs:
     """The round's batches and client orders, drawn from (seed, round)."""
     cfg, cd = self.config, self.client_data
-    idx, mask = data.batch_schedule(cd.counts, cfg.batch_size, seed=cfg.seed,
-                                    round_index=round_index, local_epochs=cfg.local_epochs)
-    k, t = cd.num_clients, idx.shape[1]
-    rng = data.rng_for(cfg.seed, 3, round_index)
+    ids = self.participants(round_index)
+    counts = cd.counts if ids is None else cd.counts[ids]
+    # Steps come from all clients' counts, so every round has the same shapes.
+    idx, mask = data.batch_schedule(counts, cfg.batch_size, seed=cfg.seed,
+                                    round_index=round_index, local_epochs=cfg.local_epochs,
+                                    client_ids=ids, steps=self._steps)
+    k, t = len(counts), idx.shape[1]
+    rng = data.rng_for(cfg.seed, data._ORDER_STREAM, round_index)
     client_order = rng.permutation(k).astype(np.int32)
     step_orders = np.stack([rng.permutation(k) for _ in range(t)]).astype(np.int32)
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), round_index)
+    weights = self._weights if ids is None else jnp.asarray(counts, jnp.float32)
     return algorithms.RoundInputs(self._x, self._y, jnp.asarray(idx), jnp.asarray(mask),
-                                  self._weights, jnp.asarray(step_orders),
-                                  jnp.asarray(client_order), key)
+                                  weights, jnp.asarray(step_orders),
+                                  jnp.asarray(client_order), key,
+                                  None if ids is None else jnp.asarray(ids))
 
   # -- public API ------------------------------------------------------------
   def init(self) -> RunState:
@@ -304,7 +339,10 @@ class Experiment:
     state, metrics = self.train_round(state)
     metrics.update(self.evaluate(state))
     metrics["seconds"] = time.perf_counter() - t0
-    metrics.update(self.traffic.as_dict())
+    ids = self.participants(state.round - 1)
+    counts = self.client_data.counts if ids is None else self.client_data.counts[ids]
+    metrics["participants"] = len(counts)
+    metrics.update(self.traffic_for(counts).as_dict())
     return state, {"round": state.round, **metrics}
 
   def run(self, rounds: int | None = None,

@@ -63,6 +63,11 @@ BAD = [
     (["--cut", "7"], "--cut"),
     (["--model", "resnet18", "--cut", "11"], "--cut"),
     (["--out", "/dev/null/run"], "--out"),
+    (["--client-fraction", "0"], "--client-fraction"),
+    (["--client-fraction", "1.5"], "--client-fraction"),
+    (["--algorithm", "centralized", "--client-fraction", "0.5"], "--client-fraction"),
+    (["--client-block", "0"], "--client-block"),
+    (["--precision", "fp8"], "--precision"),
 ]
 
 
