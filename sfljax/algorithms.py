@@ -116,14 +116,21 @@ def _batch_key(inp: RoundInputs, client_id, t):
   return jax.random.fold_in(jax.random.fold_in(inp.key, t), client_id)
 
 
-def _batch(inp: RoundInputs, t, augment=None):
-  """All participants' batch ``t``: x [M, B, ...], y [M, B], mask [M, B]."""
+def _batch(inp: RoundInputs, t, executor: ClientExecutor, augment=None):
+  """All participants' batch ``t``: x [M, B, ...], y [M, B], mask [M, B].
+
+  With every client taking part the gather runs per client on the device that
+  holds the client (``executor.vmap``), so a sharded run moves no data here.
+  """
   idx, ids = inp.idx[:, t], _client_ids(inp)
-  x = jax.vmap(lambda c, i: inp.x[c][i])(ids, idx)
-  y = jax.vmap(lambda c, i: inp.y[c][i])(ids, idx)
+  if inp.clients is None:
+    x, y = executor.vmap(lambda xs, ys, i: (xs[i], ys[i]), inp.x, inp.y, idx)
+  else:
+    x = jax.vmap(lambda c, i: inp.x[c][i])(ids, idx)
+    y = jax.vmap(lambda c, i: inp.y[c][i])(ids, idx)
   if augment is not None:
     keys = jax.vmap(lambda c: _batch_key(inp, c, t))(ids)
-    x = jax.vmap(augment)(keys, x)
+    x = executor.vmap(augment, keys, x)
   return x, y, inp.mask[:, t]
 
 
@@ -266,7 +273,7 @@ class SplitFed:
     cvars, copt = carry["client"], carry["client_opt"]
     svars, sopt, acc = carry["server"], carry["server_opt"], carry["stats"]
     if self.schedule == "synchronous":
-      x, y, m = _batch(inp, t, self.augment)
+      x, y, m = _batch(inp, t, self.executor, self.augment)
       cvars, copt, svars, sopt, st = self._group_step(
           cvars, copt, svars, sopt, x, y, m, inp.step_orders[t])
       acc = acc + st
@@ -354,7 +361,7 @@ class FedAvg:
       v, o = keep_if(jnp.any(mb), (v_new, o_new), (v, o))
       return v, o, stats
 
-    x, y, m = _batch(inp, t, self.augment)
+    x, y, m = _batch(inp, t, self.executor, self.augment)
     models, opt, st = self.executor.map(local, carry["models"], carry["opt"], x, y, m)
     return {**carry, "models": models, "opt": opt, "stats": carry["stats"] + st}
 

@@ -70,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
                       "(bounds memory; same result as one block)")
   t.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                  help="bf16: bfloat16 compute with float32 master weights (for accelerators)")
+  t.add_argument("--devices", type=int, default=None,
+                 help="split the clients over this many devices (clients must divide evenly); "
+                      "default: one device, or all devices of a multi-process run")
+  t.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                 help="multi-host: process 0's address (same on every host)")
+  t.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+  t.add_argument("--process-id", type=int, default=None, help="multi-host: this process's rank")
+  t.add_argument("--distributed-auto", action="store_true",
+                 help="multi-host: take coordinator, count and rank from the environment "
+                      "(Cloud TPU, SLURM, Open MPI)")
   t.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
   t.add_argument("--overwrite", action="store_true",
                  help="replace an existing run directory given by --out")
@@ -204,15 +214,31 @@ class _Progress:
     sys.stderr.flush()
 
 
+def _initialize(args) -> bool:
+  """Joins a multi-process run if asked to; True on the process that writes results."""
+  from sfljax import distributed
+  try:
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           auto_detect=args.distributed_auto)
+  except (ValueError, RuntimeError) as e:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UsageError(msg if msg.startswith("--") else f"--coordinator-address: {msg}") from None
+  return distributed.is_main_process()
+
+
 def _train(args) -> int:
   from sfljax.train import ConfigError, Experiment, environment
   cfg = _config(args)
   try:
     cfg.validate()
-    out = _check_out(args.out, args.overwrite)
+    writer = _initialize(args)
+    out = _check_out(args.out, args.overwrite) if writer else None
     exp = Experiment(cfg, dataset=_load(cfg))
   except ConfigError as e:
     raise UsageError(str(e)) from None
+  if not writer:  # Other processes of a multi-host run compute; process 0 writes.
+    exp.run()
+    return 0
   _create_out(out)
   resolved = {"cut": exp.cut, "strategy": exp.executor.name,
               "client_sizes": [int(n) for n in exp.client_data.counts],

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfljax import algorithms, comm, data, execution, models, split
+from sfljax import algorithms, comm, data, distributed, execution, models, split
 
 
 class ConfigError(ValueError):
@@ -62,6 +62,7 @@ class Config:
   client_fraction: float = 1.0          # participants per round: max(1, round(fraction * clients))
   client_block: int | None = None       # clients computed at once inside the program (memory bound)
   precision: str = "fp32"               # fp32 | bf16 (bf16 compute, float32 master weights)
+  devices: int | None = None            # split the clients over this many devices (a mesh)
 
   def validate(self) -> "Config":
     """Raises :class:`ConfigError` for a setting that cannot run."""
@@ -96,6 +97,9 @@ class Config:
     if not (isinstance(self.client_fraction, (int, float)) and 0 < self.client_fraction <= 1):
       raise ConfigError("--client-fraction",
                         f"must be in (0, 1], got {self.client_fraction!r}")
+    if self.devices is not None and (
+        not isinstance(self.devices, (int, np.integer)) or self.devices <= 0):
+      raise ConfigError("--devices", f"must be a positive integer, got {self.devices!r}")
     if self.client_fraction < 1 and self.algorithm == "centralized":
       raise ConfigError("--client-fraction", "centralized training has one client: use 1")
     return self
@@ -168,8 +172,9 @@ class Experiment:
       (self.cut,) = self.model.check_cut(cut)
     except ValueError as e:
       raise ConfigError("--cut", str(e)) from None
+    self.mesh = self._mesh()
     self.executor = execution.resolve(config.strategy, step_loop=config.step_loop,
-                                      block=config.client_block)
+                                      block=config.client_block, mesh=self.mesh)
     self.compute_dtype = split.PRECISIONS[config.precision]
     self.algorithm = algorithms.build(
         config.algorithm, self.model, cut=self.cut,
@@ -181,32 +186,62 @@ class Experiment:
         compute_dtype=self.compute_dtype)
 
     cd = self.client_data
-    self._x = jnp.asarray(cd.x)
-    self._y = jnp.asarray(cd.y)
-    self._weights = jnp.asarray(cd.counts, jnp.float32)
+    self._x, self._y = self._place_clients(cd.x), self._place_clients(cd.y)
+    self._weights = self._place_clients(cd.counts.astype(np.float32))
     self.trace_count = 0  # Tracings of the round's programs (tests: no recompilation).
 
-    def counted(fn, donate=()):
+    self.num_participants = data.num_participants(cd.num_clients, config.client_fraction)
+    self._steps = data.steps_per_epoch(cd.counts, config.batch_size)
+    alg = self.algorithm
+    sh = self._shardings = None
+    if self.mesh is not None:  # Pinned layouts: round r + 1 takes round r's outputs as they are.
+      sh = self._shardings = distributed.Shardings.of(
+          alg, jax.eval_shape(self.model.init, jax.random.key(0)), self.round_inputs(0),
+          self.mesh)
+
+    def counted(fn, out=None, donate=()):
       def traced(*args):
         self.trace_count += 1
         return fn(*args)
-      return jax.jit(traced, donate_argnums=donate)
+      return jax.jit(traced, donate_argnums=donate,
+                     out_shardings=None if sh is None else out(sh))
 
-    alg = self.algorithm
     if self.executor.step_loop == "scan":
-      self._programs = {"round": counted(alg.round)}
+      self._programs = {"round": counted(alg.round, lambda s: (s.state, s.stats))}
     else:  # The round's working state (carry) is internal: its buffers are donated.
-      self._programs = {"begin": counted(alg.begin), "step": counted(alg.step, donate=(0,)),
-                        "end": counted(alg.end)}
+      self._programs = {"begin": counted(alg.begin, lambda s: s.carry),
+                        "step": counted(alg.step, lambda s: s.carry, donate=(0,)),
+                        "end": counted(alg.end, lambda s: (s.state, s.stats))}
     self._eval = jax.jit(self._evaluate_arrays)
     self._prepare_test_set()
-    self.num_participants = data.num_participants(cd.num_clients, config.client_fraction)
-    self._steps = data.steps_per_epoch(cd.counts, config.batch_size)
     self._traffic_sizes = self._sizes()
     self.traffic = self.traffic_for(cd.counts)
     self.compile_seconds: float | None = None
 
   # -- pieces ----------------------------------------------------------------
+  def _mesh(self):
+    """The device mesh the clients are split over, or None (one device)."""
+    cfg = self.config
+    if cfg.devices is None and jax.process_count() == 1:
+      return None
+    if cfg.client_fraction < 1:
+      raise ConfigError("--client-fraction", "partial participation runs on one device for "
+                                             "now: use 1, or drop --devices")
+    try:
+      mesh = distributed.client_mesh(cfg.devices)
+      distributed.check_clients(self.client_data.num_clients, mesh)
+    except ValueError as e:
+      flag, _, msg = str(e).partition(": ")
+      raise ConfigError(flag if flag.startswith("--") else "--devices", msg or str(e)) from None
+    return mesh
+
+  def _place_clients(self, x):
+    return jnp.asarray(x) if self.mesh is None else distributed.shard_clients(x, self.mesh)
+
+  def _place(self, tree):
+    return jax.tree.map(jnp.asarray, tree) if self.mesh is None else distributed.replicate(
+        tree, self.mesh)
+
   def _prepare_test_set(self):
     ds, eb = self.dataset, self.config.eval_batch_size
     n = len(ds.y_test)
@@ -215,7 +250,7 @@ class Experiment:
     pad = m * eb - n
     x = np.concatenate([ds.x_test, np.zeros((pad,) + ds.x_test.shape[1:], ds.x_test.dtype)])
     y = np.concatenate([ds.y_test, np.zeros((pad,), ds.y_test.dtype)])
-    self._test = (jnp.asarray(x.reshape((m, eb) + x.shape[1:])), jnp.asarray(y.reshape(m, eb)))
+    self._test = self._place((x.reshape((m, eb) + x.shape[1:]), y.reshape(m, eb)))
     self._n_test = n
     test_parts = data.partition(ds.y_test, min(self.config.clients, n), "iid",
                                 seed=self.config.seed + 1)
@@ -275,17 +310,24 @@ class Experiment:
     client_order = rng.permutation(k).astype(np.int32)
     step_orders = np.stack([rng.permutation(k) for _ in range(t)]).astype(np.int32)
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), round_index)
-    weights = self._weights if ids is None else jnp.asarray(counts, jnp.float32)
-    return algorithms.RoundInputs(self._x, self._y, jnp.asarray(idx), jnp.asarray(mask),
-                                  weights, jnp.asarray(step_orders),
-                                  jnp.asarray(client_order), key,
-                                  None if ids is None else jnp.asarray(ids))
+    if ids is not None:
+      return algorithms.RoundInputs(self._x, self._y, jnp.asarray(idx), jnp.asarray(mask),
+                                    jnp.asarray(counts, jnp.float32), jnp.asarray(step_orders),
+                                    jnp.asarray(client_order), key, jnp.asarray(ids))
+    per_client = self._place_clients((idx, mask))
+    orders = self._place((step_orders, client_order, key))
+    return algorithms.RoundInputs(self._x, self._y, *per_client, self._weights, *orders)
 
   # -- public API ------------------------------------------------------------
   def init(self) -> RunState:
     """Initial state: one full-model init from the seed, split into halves."""
     variables = jax.jit(self.model.init)(jax.random.key(self.config.seed))
-    algo_init = jax.jit(self.algorithm.init, static_argnums=1)
+    if self.mesh is None:
+      algo_init = jax.jit(self.algorithm.init, static_argnums=1)
+    else:
+      variables = distributed.replicate(distributed.fetch(variables), self.mesh)
+      algo_init = jax.jit(self.algorithm.init, static_argnums=1,
+                          out_shardings=self._shardings.state)
     return RunState(algo_init(variables, self.client_data.num_clients), 0)
 
   def _run_round(self, algo, inputs):
@@ -316,7 +358,7 @@ class Experiment:
   def train_round(self, state: RunState) -> tuple[RunState, dict[str, float]]:
     """One global epoch without evaluation."""
     algo, stats = self._run_round(state.algo, self.round_inputs(state.round))
-    stats = jax.device_get(stats)
+    stats = distributed.fetch(stats)   # Once per round (all processes take part).
     count = max(float(np.sum(stats.count)), 1.0)
     return RunState(algo, state.round + 1), {
         "train_loss": float(np.sum(stats.loss_sum)) / count,
@@ -324,7 +366,7 @@ class Experiment:
 
   def evaluate(self, state: RunState) -> dict[str, float]:
     """The round's global model on the full test set and on the clients' test shards."""
-    loss, correct = jax.device_get(self._eval(self.global_variables(state), *self._test))
+    loss, correct = distributed.fetch(self._eval(self.global_variables(state), *self._test))
     loss, correct = loss[:self._n_test], correct[:self._n_test]
     return {"test_loss": float(np.mean(loss)),
             "test_accuracy": float(np.mean(correct)),

@@ -234,3 +234,59 @@ def test_shardings_follow_the_client_axis(name, per_client):
                              for k in ("client", "server", "client_opt", "server_opt", "stats")}
   assert {s.spec for s in jax.tree.leaves(sh.stats)} == {clients.spec}
   assert sh.inputs.x == clients and sh.inputs.step_orders == rep and sh.inputs.key == rep
+
+
+# -- the CLI: sfljax train --num-processes / --devices ------------------------
+
+def _cli_metrics(out):
+  with open(out / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_cli_two_processes_and_four_devices_equal_one_device(tmp_path):
+  """`sfljax train` as 2 processes x 2 CPU devices, and as one process with
+  --devices 4, logs the losses and accuracies of the plain one-device run."""
+  flags = ["train", "--quiet", "--clients", "4", "--rounds", "2", "--batch-size", "16"]
+  cli = [sys.executable, "-m", "sfljax"]
+  single = subprocess.run(cli + flags + ["--out", str(tmp_path / "one")], env=_env(1),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+  assert single.returncode == 0, single.stderr[-3000:]
+  four = subprocess.run(cli + flags + ["--devices", "4", "--out", str(tmp_path / "four")],
+                        env=_env(4), capture_output=True, text=True, timeout=TIMEOUT)
+  assert four.returncode == 0, four.stderr[-3000:]
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      cli + flags + ["--out", str(tmp_path / f"multi{i}"), "--coordinator-address", address,
+                     "--num-processes", "2", "--process-id", str(i)],
+      env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      stdout, stderr = p.communicate(timeout=TIMEOUT)
+      logs.append(stdout[-2000:] + stderr[-3000:])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(logs)
+  assert not (tmp_path / "multi1").exists()          # Only process 0 writes.
+  reference = _cli_metrics(tmp_path / "one")
+  for run in ("four", "multi0"):
+    got = _cli_metrics(tmp_path / run)
+    assert len(got) == len(reference) == 2
+    for g, r in zip(got, reference):
+      for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert g[key] == pytest.approx(r[key], rel=1e-5, abs=1e-6), (run, key)
+
+
+def test_cli_device_errors_are_one_line(tmp_path):
+  for flags, needle in ((["--clients", "3", "--devices", "2"], "--devices"),
+                        (["--num-processes", "2"], "--coordinator-address"),
+                        (["--process-id", "1"], "--process-id")):
+    proc = subprocess.run([sys.executable, "-m", "sfljax", "train", "--quiet",
+                           "--out", str(tmp_path / "x")] + flags,
+                          env=_env(2), capture_output=True, text=True, timeout=TIMEOUT)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in err and needle in err, (flags, err)
