@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sfljax.conv import Conv
+
 __all__ = [
     "MODELS",
     "NORMS",
@@ -90,8 +92,8 @@ class ConvBlock(nn.Module):
   def __call__(self, x, *, train: bool, mask=None):
     # A bias right before batch norm is cancelled by its mean subtraction: its
     # gradient is pure rounding noise, which Adam would turn into steps.
-    x = nn.Conv(self.features, (self.kernel, self.kernel), padding=self.padding,
-                use_bias=self.norm != "batch", kernel_init=self.kernel_init, name="conv")(x)
+    x = Conv(self.features, (self.kernel, self.kernel), padding=self.padding,
+             use_bias=self.norm != "batch", kernel_init=self.kernel_init, name="conv")(x)
     x = nn.relu(_norm(self.norm, x, train=train, mask=mask, name="norm"))
     if self.pool:
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -118,8 +120,8 @@ class ResNetStem(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool, mask=None):
-    x = nn.Conv(self.features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-                use_bias=False, kernel_init=_he_fan_out, name="conv")(x)
+    x = Conv(self.features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+             use_bias=False, kernel_init=_he_fan_out, name="conv")(x)
     x = nn.relu(_norm(self.norm, x, train=train, mask=mask, name="norm"))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -136,7 +138,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool, mask=None):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_he_fan_out)
+    conv = functools.partial(Conv, use_bias=False, kernel_init=_he_fan_out)
     norm = functools.partial(_norm, self.norm, train=train, mask=mask)
     s = (self.stride, self.stride)
     y = conv(self.features, (3, 3), strides=s, padding=((1, 1), (1, 1)), name="conv1")(x)

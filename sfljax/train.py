@@ -235,10 +235,14 @@ class Experiment:
       raise ConfigError(flag if flag.startswith("--") else "--devices", msg or str(e)) from None
     return mesh
 
-  def _place_clients(self, x):
-    return jnp.asarray(x) if self.mesh is None else distributed.shard_clients(x, self.mesh)
+  def _place_clients(self, tree):
+    """On the device, or with the leading (client) axis split over the mesh."""
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, tree)
+    return distributed.shard_clients(tree, self.mesh)
 
   def _place(self, tree):
+    """On the device, or whole on every device of the mesh."""
     return jax.tree.map(jnp.asarray, tree) if self.mesh is None else distributed.replicate(
         tree, self.mesh)
 
