@@ -292,6 +292,9 @@ _conv_custom.defvjp(_conv_custom_fwd, _conv_custom_bwd)
 # ---------------------------------------------------------------------------
 
 
+_SMALL_OUTPUT_ROWS = 65536   # batch x output pixels below which every part uses matmuls/taps
+
+
 def auto_lowering(x_shape, w_shape, strides, padding="SAME", backend: str | None = None
                   ) -> tuple[str, str, str]:
   """The (forward, input_grad, kernel_grad) methods ``lowering='auto'`` uses.
@@ -329,6 +332,13 @@ def auto_lowering(x_shape, w_shape, strides, padding="SAME", backend: str | None
   #   (at batch 32 the same conv2: dw 0.6 / 1.8 / 1.4 ms)
   if kh == kw == 1:  # a (strided) matmul
     return LOWERINGS["patches"]
+  if n * ho * wo < _SMALL_OUTPUT_ROWS:
+    # Small (per-client) batches: XLA's convolutions cost more in overhead than
+    # the matmuls. LeNet, 100 clients x batch 32, SFLV1 round with sequential
+    # clients (experiments/benchmark.py worker, same session): this rule 7,480
+    # samples/s; the batch-1024 rule below 2,972; plain XLA 1,709.
+    return ("taps" if cin <= _TAPS_ELEMENTWISE_CIN and cout <= 16 else "patches",
+            "patches", "patches")
   tiny = ho * wo <= 4  # XLA's conv and its input gradient collapse to ~1-3 GFLOP/s
   if cin <= _TAPS_ELEMENTWISE_CIN and cout <= 16:
     fwd = "taps"

@@ -62,7 +62,7 @@ class ClientExecutor:
   block: int | None = None
   step_loop: str = "scan"
 
-  unroll_up_to: int = 8   # sequential: unroll the client loop for at most this many clients
+  unroll_up_to: int = 1   # sequential: unroll the client loop for at most this many clients
   mesh: Mesh | None = None
 
   def __post_init__(self):

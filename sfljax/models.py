@@ -79,6 +79,21 @@ def _norm(kind: str, x, *, train: bool, mask, name: str):
   raise ValueError(f"unknown norm {kind!r}: choose one of {', '.join(NORMS)}")
 
 
+def max_pool_2x2(x):
+  """2x2 max-pool with stride 2 (odd trailing rows/columns dropped, like
+  ``nn.max_pool``), written as a reshape and a max.
+
+  Same forward values as ``nn.max_pool``; its gradient is elementwise
+  (XLA:CPU runs the ``select_and_scatter`` gradient of ``nn.max_pool`` 2-5x
+  slower: 270 vs 115 ms for LeNet's first pool over 100 clients x 32
+  samples). On ties inside a window the gradient is split equally between
+  the tied inputs instead of going to the first one.
+  """
+  b, h, w, c = x.shape
+  x = x[:, :h - h % 2, :w - w % 2]
+  return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
 class ConvBlock(nn.Module):
   """Conv -> optional norm -> ReLU -> optional 2x2 max-pool (stride 2)."""
   features: int
@@ -96,7 +111,7 @@ class ConvBlock(nn.Module):
              use_bias=self.norm != "batch", kernel_init=self.kernel_init, name="conv")(x)
     x = nn.relu(_norm(self.norm, x, train=train, mask=mask, name="norm"))
     if self.pool:
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     return x
 
 
