@@ -321,6 +321,24 @@ def fashion_mnist_epoch(args) -> dict:
   return {"rows": rows}
 
 
+def markdown(result: dict) -> str:
+  """The README's table of a saved grid."""
+  lines = ["| algorithm | K | compile s | s/round | samples/s | GFLOP/s | peak RSS "
+           "| PyTorch s/round | speedup |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in result["rows"]:
+    if "seconds_per_round" not in r:
+      why = r.get("skipped") or r.get("error")
+      lines.append(f"| {r['algorithm']} | {r['clients']} | {why} | | | | | | |")
+      continue
+    ts, sp = r.get("torch_seconds_per_round"), r.get("speedup_vs_torch")
+    lines.append(
+        f"| {r['algorithm']} | {r['clients']} | {r['compile_seconds']:.1f} "
+        f"| {r['seconds_per_round']:.3f} | {r['samples_per_second']:,.0f} "
+        f"| {r['gflops_per_second']:.1f} | {fmt_bytes(r['peak_rss_bytes'])} "
+        f"| {'-' if ts is None else f'{ts:.3f}'} | {'-' if sp is None else f'{sp:.2f}×'} |")
+  return "\n".join(lines)
+
+
 def save(path: str, obj) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path + ".tmp", "w") as f:
@@ -352,8 +370,14 @@ def main(argv=None):
   p.add_argument("--fashion-mnist", metavar="DIR", default=None,
                  help="instead: one global epoch of the paper's Fashion-MNIST/LeNet setting "
                       "(60,000 samples, 5 clients, batch 1024) per algorithm")
+  p.add_argument("--markdown", metavar="JSON", default=None,
+                 help="print the table of a saved result as markdown and exit")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.markdown:
+    with open(args.markdown) as f:
+      print(markdown(json.load(f)))
+    return 0
   if args.worker:
     print(json.dumps(worker(json.loads(args.worker))))
     return 0
