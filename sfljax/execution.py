@@ -7,11 +7,13 @@ compiled program:
 * ``vmap``: all clients at once (``jax.vmap``); per-client weights become
   batched (grouped) operations. Expected to win on GPU/TPU.
 * ``sequential``: one client after another inside the compiled program
-  (a ``lax.scan`` over clients, fully unrolled for at most ``unroll_up_to``
-  clients, which XLA:CPU runs ~2.5x faster than a loop body at the price of
-  longer compilation); with ``block`` > 1, blocks of that many clients are
-  vmapped and the blocks run one after another. A group of one client is
-  always just vmapped (free).
+  (a ``lax.scan`` over clients; unrolled for at most ``unroll_up_to``
+  clients, 1 by default: with the matmul convolutions of :mod:`sfljax.conv`
+  unrolling no longer pays on XLA:CPU). A group of one client is always just
+  vmapped (free).
+* ``block``: with either strategy, at most ``block`` clients are computed at
+  once: blocks of that many vmapped clients run one after another (the last
+  block padded), which bounds memory and gives the one-block result.
 
 The steps of a round are driven either by ``lax.fori_loop`` inside one
 compiled round (``step_loop="scan"``) or by a Python loop over one compiled
@@ -28,11 +30,11 @@ to the compiler (GSPMD), so FedAvg becomes a cross-device reduction. A group
 of one client (client-major schedules) is not split.
 
 ``auto`` picks per backend from the measurements in the README: on XLA:CPU a
-vmapped convolution with per-client weights lowers to a grouped convolution
-whose gradient is far slower than running the clients one by one, and loop
-bodies run slower than the same step compiled on its own, so CPU gets
-``sequential`` clients and a Python step loop; accelerators get ``vmap`` and
-``scan``.
+vmapped convolution with per-client weights lowers to a grouped convolution,
+slower than running the clients one by one, so CPU gets ``sequential``
+clients; accelerators get ``vmap``. Every backend gets the ``scan`` step loop
+(on CPU it measured faster than the Python loop once the convolutions were
+matmuls).
 """
 
 from __future__ import annotations
@@ -136,8 +138,8 @@ def resolve(strategy: str = "auto", backend: str | None = None,
   backend = backend or jax.default_backend()
   if strategy == "auto":
     strategy = "sequential" if backend == "cpu" else "vmap"
-  if step_loop == "auto":
-    step_loop = "python" if backend == "cpu" else "scan"
+  if step_loop == "auto":  # Measured on CPU too since the matmul convolutions (README).
+    step_loop = "scan"
   return ClientExecutor(strategy, block, step_loop, mesh=mesh)
 
 

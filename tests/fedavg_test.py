@@ -43,7 +43,7 @@ def test_executors_match_python_loop(strategy, block, num):
 
 def test_auto_strategy_per_backend_and_bad_names():
   assert execution.resolve("auto", "cpu").name == "sequential"
-  assert execution.resolve("auto", "cpu").step_loop == "python"
+  assert execution.resolve("auto", "cpu").step_loop == "scan"
   assert execution.resolve("auto", "gpu").name == "vmap"
   assert execution.resolve("auto", "tpu").step_loop == "scan"
   with pytest.raises(ValueError, match="choose one of auto, vmap, sequential"):
