@@ -398,3 +398,17 @@ def test_vmap_over_clients(name, shape, norm, train):
   # Client 2 is all padding: its running statistics are untouched.
   _assert_tree_close(jax.tree_util.tree_map(lambda a: a[2], stats),
                      per_client[2]["batch_stats"])
+
+
+def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient():
+  """Ties (half-integer values), odd sizes: same outputs and the same
+  first-maximum gradient routing as nn.max_pool."""
+  import flax.linen as nn
+  from sfljax.models import max_pool_2x2
+  for shape in [(3, 8, 8, 2), (2, 11, 10, 3), (1, 5, 7, 1)]:
+    x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 2) / 2
+    ref, ref_vjp = jax.vjp(lambda z: nn.max_pool(z, (2, 2), strides=(2, 2)), x)
+    got, got_vjp = jax.vjp(max_pool_2x2, x)
+    g = jax.random.normal(jax.random.key(1), ref.shape)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(got_vjp(g)[0]), np.asarray(ref_vjp(g)[0]))
