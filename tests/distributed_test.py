@@ -98,15 +98,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(four_devices, tmp_path):
-  """2 processes x 2 CPU devices (gloo collectives) = one process on one device."""
-  run = RUNS[0]
-  out = tmp_path / "multi.npz"
+def _two_processes(command) -> None:
+  """Runs ``command(i)`` + the coordinator flags as processes 0 and 1 (2 CPU
+  devices each) on 127.0.0.1; asserts both exit 0."""
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
-      [sys.executable, WORKER, "--runs", run, "--devices", "4", "--clients", "8",
-       "--out", str(out), "--coordinator-address", address, "--num-processes", "2",
-       "--process-id", str(i)],
+      command(i) + ["--coordinator-address", address, "--num-processes", "2",
+                    "--process-id", str(i)],
       env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   logs = []
@@ -120,6 +118,14 @@ def test_two_processes_equal_one_process(four_devices, tmp_path):
         p.kill()
         p.communicate()
   assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(logs)
+
+
+def test_two_processes_equal_one_process(four_devices, tmp_path):
+  """2 processes x 2 CPU devices (gloo collectives) = one process on one device."""
+  run = RUNS[0]
+  out = tmp_path / "multi.npz"
+  _two_processes(lambda i: [sys.executable, WORKER, "--runs", run, "--devices", "4",
+                            "--clients", "8", "--out", str(out)])
   multi, info = _load(out)
   assert info["process_count"] == 2 and info["global_devices"] == 4
   assert info["local_devices"] == 2 and info["all_reduce"][run] is True
@@ -254,23 +260,7 @@ def test_cli_two_processes_and_four_devices_equal_one_device(tmp_path):
   four = subprocess.run(cli + flags + ["--devices", "4", "--out", str(tmp_path / "four")],
                         env=_env(4), capture_output=True, text=True, timeout=TIMEOUT)
   assert four.returncode == 0, four.stderr[-3000:]
-  address = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen(
-      cli + flags + ["--out", str(tmp_path / f"multi{i}"), "--coordinator-address", address,
-                     "--num-processes", "2", "--process-id", str(i)],
-      env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      stdout, stderr = p.communicate(timeout=TIMEOUT)
-      logs.append(stdout[-2000:] + stderr[-3000:])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(logs)
+  _two_processes(lambda i: cli + flags + ["--out", str(tmp_path / f"multi{i}")])
   assert not (tmp_path / "multi1").exists()          # Only process 0 writes.
   reference = _cli_metrics(tmp_path / "one")
   for run in ("four", "multi0"):
