@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -55,12 +54,9 @@ def machine() -> dict:
   from sfljax.train import environment
   info = environment()
   info["cpu_count"] = os.cpu_count()
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    info["cpu_model"] = names[0] if names else platform.processor()
-  except OSError:
-    info["cpu_model"] = platform.processor()
+  sys.path.insert(0, HERE)
+  from torch_baseline import cpu_model   # Imports without torch.
+  info["cpu_model"] = cpu_model()
   try:
     import jax
     info["device_kind"] = jax.devices()[0].device_kind

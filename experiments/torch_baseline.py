@@ -521,17 +521,20 @@ def run_baseline(algorithm: str, model: str, clients: int,
 # ---------------------------------------------------------------------------
 
 
-def _machine() -> dict:
-  info = {"python": platform.python_version(), "platform": platform.platform(),
-          "cpu_count": os.cpu_count(), "torch_version": torch.__version__,
-          "torch_threads": torch.get_num_threads()}
+def cpu_model() -> str:
+  """The CPU's model name (from /proc/cpuinfo where there is one)."""
   try:
     with open("/proc/cpuinfo") as f:
       names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    info["cpu_model"] = names[0] if names else platform.processor()
+    return names[0] if names else platform.processor()
   except OSError:
-    info["cpu_model"] = platform.processor()
-  return info
+    return platform.processor()
+
+
+def _machine() -> dict:
+  return {"python": platform.python_version(), "platform": platform.platform(),
+          "cpu_count": os.cpu_count(), "torch_version": torch.__version__,
+          "torch_threads": torch.get_num_threads(), "cpu_model": cpu_model()}
 
 
 def _save_json(path: str, obj) -> None:
