@@ -325,6 +325,7 @@ class BaselineRun:
     self.last_perms: dict[int, torch.Tensor] = {}
     self.last_losses: list[float] = []
     self.last_cpu_seconds = 0.0   # process CPU time of the last round
+    self._given_batches = None    # run_round(batches=...): this round's batches
 
   @property
   def samples_per_round(self) -> int:
@@ -341,6 +342,12 @@ class BaselineRun:
   def _batches(self, k):
     """Client k's shuffled batches for this round (DataLoader(shuffle=True))."""
     x, y = self.data[k]
+    if self._given_batches is not None:   # batches given to run_round
+      rows = [torch.as_tensor(b, dtype=torch.long) for b in self._given_batches[k]]
+      self.last_perms[k] = torch.cat(rows)
+      for idx in rows:
+        yield x[idx], y[idx]
+      return
     perm = torch.randperm(len(y), generator=self._gen)
     self.last_perms[k] = perm
     for i in range(0, len(y), self.batch_size):
@@ -377,9 +384,19 @@ class BaselineRun:
 
   # -- one round ----------------------------------------------------------------
 
-  def run_round(self) -> float:
-    """Trains one round (one local epoch on every client); returns seconds."""
-    order = torch.randperm(len(self.counts), generator=self._gen).tolist()
+  def run_round(self, order: Sequence[int] | None = None, batches=None) -> float:
+    """Trains one round (one local epoch on every client); returns seconds.
+
+    For cross-framework tests (default: the official code's randomness):
+    ``order`` gives the clients' processing order (default: a random
+    permutation), ``batches`` every client's batches (``batches[k]``: a list
+    of index arrays into ``data[k]``; default: a fresh shuffle of the shard
+    cut into ``batch_size`` slices).
+    """
+    if order is None:
+      order = torch.randperm(len(self.counts), generator=self._gen).tolist()
+    order = [int(k) for k in order]
+    self._given_batches = batches
     self.last_client_order, self.last_perms, self.last_losses = order, {}, []
     c0, t0 = time.process_time(), time.perf_counter()
     getattr(self, "_round_" + self.algorithm)(order)

@@ -1,40 +1,53 @@
-"""SplitFed algorithms as compositions of a few orthogonal choices.
+"""The Algorithm protocol, SplitFed compositions and the FL baseline.
 
-A split algorithm (:class:`SplitFed`) is fixed by three choices:
+An algorithm is a handful of pure functions over a typed state
+(:mod:`sfljax.state`)::
 
-* ``client_aggregation``: ``"fedavg"`` -- every client starts the round from
-  the global client-side model and the fed server averages the clients'
-  models (weights n_k/n) at the end of the round; ``"relay"`` -- one
-  client-side model is handed from client to client (vanilla SL).
-* ``server``: ``"replicas"`` -- one server-side copy per client, each starting
-  the round from the global server model, averaged (n_k/n) at the round's
-  end; ``"shared"`` -- one server-side model, updated after every single
-  forward/backward.
-* ``schedule``: ``"synchronous"`` -- at every step all clients compute their
-  smashed data together; with a shared server it processes them one client at
-  a time in a fresh random order per step (the SFLV2 paper text);
-  ``"client_major"`` -- clients take turns in a random order per round, each
-  running its whole local epoch before the next one starts (vanilla SL, and
-  the official SFLV2 code).
+  init(variables, num_clients) -> state
+  begin(state, inputs)         -> carry          # a round's working state
+  num_steps(inputs)            -> int            # events in the round
+  step(carry, inputs, t)       -> carry
+  end(carry, inputs)           -> (state, per-participant BatchStats)
+  round(state, inputs)         -> (state, stats) # begin, steps, end in one program
+  global_variables(state, weights=None) -> the full model to evaluate
+  client_variables(state)      -> [K] full models when clients keep their own, else None
+  traffic(counts, local_epochs, input_shape, label_dtype) -> comm.Traffic
 
-So ``sflv1 = (fedavg, replicas, synchronous)``, ``sflv2 = (fedavg, shared,
-synchronous)`` (or ``client_major`` for the official code's order) and
-``sl = (relay, shared, client_major)``. :class:`FedAvg` (FL) trains whole
-models locally; centralized training is FedAvg with one client that holds the
-pooled data.
+:class:`Algorithm` states the protocol; :class:`SplitFed` runs any
+:class:`sfljax.sides.Composition`, and the named algorithms are compositions:
+
+=========  ==================  ========  ============  ======================
+name       client aggregation  server    schedule      labels
+=========  ==================  ========  ============  ======================
+sflv1      fedavg              replicas  synchronous   server (1 cut), client (2 cuts)
+sflv2      fedavg              shared    synchronous*  server / client
+sl         relay               shared    client_major  server / client
+sflv3      none                replicas  synchronous   server / client
+=========  ==================  ========  ============  ======================
+
+(*) ``sflv2_order="client"``: client_major, the official code's order. Two
+cuts (``cut=(c1, c2)``) make any of them U-shaped (labels on the client).
+:class:`FedAvg` (FL) trains whole models locally; centralized training is
+FedAvg with one client that holds the pooled data.
 
 Optimizer states (:class:`OptimizerPolicy`):
 
 * ``persistent`` (default): every client keeps one optimizer state for its
-  client-side model (FL: its whole model) for the whole run; it is never
-  averaged, and it is reused when the client's model is replaced by the
-  averaged (or relayed) one. The server keeps one optimizer state per
-  server-side model: per replica in SFLV1 (never averaged), one in SFLV2/SL.
-  With one client every split algorithm is then the same computation as
-  centralized training.
+  client part (FL: its whole model) for the whole run; it is never averaged,
+  and it is reused when the client's model is replaced by the averaged (or
+  relayed) one. The server keeps one optimizer state per server model: per
+  replica (never averaged), one for a shared server. With one client every
+  split algorithm is then the same computation as centralized training.
 * ``reference``: what the official code does -- client optimizer states are
   created afresh at the start of every round, the server optimizer before
   every single step (FL: per client per round; centralized: never reset).
+  Learning-rate schedules keep counting through the resets
+  (:func:`sfljax.optimizers.reset`).
+
+Learning-rate schedules count optimizer updates per side: a client's
+optimizer takes one update per step of that client (``steps`` per local
+epoch); a server replica one per step of its client; a shared server one per
+client batch, i.e. K times as many per round as one client.
 
 All functions are pure: state in, state out; the client axis of every
 per-client quantity is the leading one.
@@ -43,19 +56,30 @@ per-client quantity is the leading one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from sfljax import fedavg
+from sfljax import comm, fedavg, optimizers, sides, state as state_lib
 from sfljax.execution import ClientExecutor
 from sfljax.models import SplitModel
-from sfljax.split import (BatchStats, clients_forward, full_forward_backward,
-                          keep_if, optimizer_step, server_forward_backward)
+from sfljax.split import (BatchStats, Loss, apply_with_state, full_forward_backward, keep_if,
+                          merge_parts, optimizer_step)
+from sfljax.state import FLCarry, FLState, SplitCarry, SplitState
 
-ALGORITHMS: tuple[str, ...] = ("centralized", "fl", "sl", "sflv1", "sflv2")
+COMPOSITIONS: dict[str, sides.Composition] = {
+    "sflv1": sides.Composition(sides.FEDAVG, sides.REPLICAS, sides.SYNCHRONOUS),
+    "sflv2": sides.Composition(sides.FEDAVG, sides.SHARED, sides.SYNCHRONOUS),
+    "sl": sides.Composition(sides.RELAY, sides.SHARED, sides.CLIENT_MAJOR),
+    "sflv3": sides.Composition(sides.OWN, sides.REPLICAS, sides.SYNCHRONOUS),
+}
+"""The named split algorithms (two-part form; :meth:`Composition.with_labels`
+with :data:`sfljax.sides.CLIENT_LABELS` gives the U-shaped form)."""
+
+ALGORITHMS: tuple[str, ...] = ("centralized", "fl", "sl", "sflv1", "sflv2", "sflv3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +98,17 @@ class RoundInputs(NamedTuple):
   """Everything one round consumes; all arrays live on the device.
 
   x: [K, N_max, H, W, C] and y: [K, N_max], the padded client data.
-  idx, mask: [K, T, B], each client's batches for the round (see
-  :func:`sfljax.data.batch_schedule`). weights: [K] float, the n_k.
-  step_orders: [T, K], the server's client order at each synchronous step.
-  client_order: [K], the turn order for client-major schedules.
-  key: the round's PRNG key; client k's batch t is augmented with
-  ``fold_in(fold_in(key, t), c)`` where c is its client id, the same key
-  whatever the algorithm.
+  idx, mask: [M, T, B], each participant's batches for the round (see
+  :func:`sfljax.data.batch_schedule`). weights: [M] float, the n_k.
+  step_orders: [T, M], the shared server's client order at each synchronous
+  step. client_order: [M], the turn order for client-major schedules.
+  key: the round's PRNG key; client c's step t uses
+  ``fold_in(fold_in(key, t), c)`` (augmentation), and its fold-ins 1, 2, 3
+  for the dropout of the client head, the server part and the client tail,
+  the same keys whatever the algorithm.
   clients: [M] int32 or None. With partial participation the round's M
-  participants: rows of ``x``/``y`` and of every per-client state; ``idx``,
-  ``mask``, ``weights``, the orders and the stats then have M rows (row m is
-  client ``clients[m]``). None: all K clients take part, in order.
+  participants: rows of ``x``/``y`` and of every per-client state. None:
+  all K clients take part, in order.
   """
   x: jax.Array
   y: jax.Array
@@ -97,221 +121,244 @@ class RoundInputs(NamedTuple):
   clients: jax.Array | None = None
 
 
+@runtime_checkable
+class Algorithm(Protocol):
+  """What :class:`sfljax.train.Experiment` needs of an algorithm (see the module docstring)."""
+
+  def init(self, variables, num_clients: int) -> Any: ...
+  def begin(self, state, inp: RoundInputs) -> Any: ...
+  def num_steps(self, inp: RoundInputs) -> int: ...
+  def step(self, carry, inp: RoundInputs, t) -> Any: ...
+  def end(self, carry, inp: RoundInputs) -> tuple[Any, BatchStats]: ...
+  def round(self, state, inp: RoundInputs) -> tuple[Any, BatchStats]: ...
+  def global_variables(self, state, weights=None) -> Any: ...
+  def client_variables(self, state) -> Any: ...
+  def traffic(self, counts, local_epochs: int, input_shape, label_dtype) -> comm.Traffic: ...
+
+
 def _client_ids(inp: RoundInputs):
   """The participants' client ids, [M]."""
   return jnp.arange(inp.idx.shape[0]) if inp.clients is None else inp.clients
 
 
-def _participants(tree, inp: RoundInputs):
-  """The rows of a per-client [K] pytree that take part in the round ([M])."""
-  return tree if inp.clients is None else fedavg.index(tree, inp.clients)
-
-
-def _write_back(full, part, inp: RoundInputs):
-  """Writes the participants' rows back into a per-client [K] pytree."""
-  return part if inp.clients is None else fedavg.update_index(full, inp.clients, part)
-
-
-def _batch_key(inp: RoundInputs, client_id, t):
+def batch_key(inp: RoundInputs, client_id, t):
+  """Client ``client_id``'s key for its step ``t`` of the round."""
   return jax.random.fold_in(jax.random.fold_in(inp.key, t), client_id)
 
 
-def _batch(inp: RoundInputs, t, executor: ClientExecutor, augment=None):
-  """All participants' batch ``t``: x [M, B, ...], y [M, B], mask [M, B].
+def _batch(inp: RoundInputs, t, executor: ClientExecutor, augment=None, rows=None):
+  """Participants' batch ``t`` (all, or the rows ``rows``): x [G, B, ...], y, mask [G, B].
 
   With every client taking part the gather runs per client on the device that
   holds the client (``executor.vmap``), so a sharded run moves no data here.
   """
-  idx, ids = inp.idx[:, t], _client_ids(inp)
-  if inp.clients is None:
+  ids = _client_ids(inp)
+  idx, mask = inp.idx[:, t], inp.mask[:, t]
+  if rows is not None:
+    ids, idx, mask = ids[rows], idx[rows], mask[rows]
+  if inp.clients is None and rows is None:
     x, y = executor.vmap(lambda xs, ys, i: (xs[i], ys[i]), inp.x, inp.y, idx)
   else:
     x = jax.vmap(lambda c, i: inp.x[c][i])(ids, idx)
     y = jax.vmap(lambda c, i: inp.y[c][i])(ids, idx)
   if augment is not None:
-    keys = jax.vmap(lambda c: _batch_key(inp, c, t))(ids)
+    keys = jax.vmap(lambda c: batch_key(inp, c, t))(ids)
     x = executor.vmap(augment, keys, x)
-  return x, y, inp.mask[:, t]
+  return x, y, mask, ids
 
 
-def _client_batch(inp: RoundInputs, k, t, augment=None):
-  """Participant ``k``'s batch ``t`` with a leading group axis of one."""
-  idx, c = inp.idx[k, t], _client_ids(inp)[k]
-  x = inp.x[c][idx]
-  if augment is not None:
-    x = augment(_batch_key(inp, c, t), x)
-  return x[None], inp.y[c][idx][None], inp.mask[k, t][None]
+def _keys(inp: RoundInputs, ids, t, needed: bool) -> sides.Keys:
+  if not needed:
+    return sides.Keys()
+  base = jax.vmap(lambda c: batch_key(inp, c, t))(ids)
+  fold = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(base)  # noqa: E731
+  return sides.Keys(client=fold(1), server=fold(2), tail=fold(3))
 
 
 def _zeros_stats(num_clients: int) -> BatchStats:
-  z = jnp.zeros((num_clients,), jnp.float32)
-  return BatchStats(z, z, z)
+  return BatchStats.zeros((num_clients,))
 
 
-def _expand(tree):
-  return jax.tree.map(lambda x: x[None], tree)
+def _reset_each(opt, params, stacked_state):
+  """Every row of a per-client optimizer state created afresh (schedules keep counting)."""
+  return jax.vmap(lambda o: optimizers.reset(opt, params, o))(stacked_state)
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitFed:
-  """A split-learning algorithm: client halves, a server half, two optimizers."""
+  """A split algorithm: a composition of sides run over a split model.
+
+  ``cuts``: one cut (two-part split) or two (U-shaped: blocks [0, c1) and
+  [c2, end) on the client, [c1, c2) on the server); the composition's labels
+  side must match (:func:`build` picks it).
+  """
+  composition: sides.Composition
   model: SplitModel
-  cut: int
+  cuts: tuple[int, ...]
   client_optimizer: optax.GradientTransformation
   server_optimizer: optax.GradientTransformation
-  client_aggregation: str = "fedavg"
-  server: str = "replicas"
-  schedule: str = "synchronous"
+  loss: Loss | None = None
   policy: OptimizerPolicy = PERSISTENT
   executor: ClientExecutor = ClientExecutor("vmap")
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   compute_dtype: Any = None   # e.g. jnp.bfloat16: mixed precision, float32 master weights
 
   def __post_init__(self):
-    if self.client_aggregation not in ("fedavg", "relay"):
-      raise ValueError(f"client_aggregation must be fedavg or relay, got {self.client_aggregation!r}")
-    if self.server not in ("replicas", "shared"):
-      raise ValueError(f"server must be replicas or shared, got {self.server!r}")
-    if self.schedule not in ("synchronous", "client_major"):
-      raise ValueError(f"schedule must be synchronous or client_major, got {self.schedule!r}")
-    if self.server == "replicas" and self.schedule != "synchronous":
-      raise ValueError("server replicas run synchronously: use schedule='synchronous'")
-    if self.client_aggregation == "relay" and self.schedule != "client_major":
-      raise ValueError("a relayed client model needs schedule='client_major'")
+    cuts = tuple(self.cuts) if not isinstance(self.cuts, int) else (self.cuts,)
+    object.__setattr__(self, "cuts", self.model.check_cut(cuts))
+    want = self.composition.labels.num_cuts
+    if len(self.cuts) != want:
+      raise sides.CompositionError(
+          f"labels on the {self.composition.labels.name} need {want} cut(s), got {self.cuts}")
+
+  # -- parts ---------------------------------------------------------------
+  @property
+  def parts(self):
+    """(head, server) or (head, server body, tail) modules."""
+    return self.model.parts(self.cuts)
+
+  def _split(self, variables):
+    parts = self.model.split_variables(variables, self.cuts)
+    client = parts[0] if len(parts) == 2 else merge_parts(parts[0], parts[2])
+    return client, parts[1]
 
   @property
-  def modules(self):
-    return self.model.parts((self.cut,))
+  def _per_client(self) -> frozenset:
+    c = self.composition
+    return frozenset({"client_opt"} | ({"client"} if c.aggregation.per_client else set())
+                     | ({"server_opt"} if c.server.per_client else set()))
+
+  @property
+  def _needs_rng(self) -> bool:
+    return bool(getattr(self.model, "needs_rng", False))
 
   # -- state ---------------------------------------------------------------
-  def init(self, variables, num_clients: int) -> dict[str, Any]:
+  def init(self, variables, num_clients: int) -> SplitState:
     """State from the full model's initial variables."""
-    client, server = self.model.split_variables(variables, (self.cut,))
-    server_opt = self.server_optimizer.init(server["params"])
-    if self.server == "replicas":
-      server_opt = fedavg.broadcast(server_opt, num_clients)
+    c = self.composition
+    client, server = self._split(variables)
     client_opt = fedavg.broadcast(self.client_optimizer.init(client["params"]), num_clients)
-    return {"client": client, "server": server,
-            "client_opt": client_opt, "server_opt": server_opt}
+    server_opt = c.server.init_opt(self.server_optimizer.init(server["params"]), num_clients)
+    if c.aggregation.per_client:
+      client = fedavg.broadcast(client, num_clients)
+    return SplitState(client, server, client_opt, server_opt, per_client=self._per_client)
 
-  def global_variables(self, state) -> dict[str, Any]:
-    """The full model the round produced (client half + server half)."""
-    return self.model.merge_variables((state["client"], state["server"]))
+  def global_variables(self, state: SplitState, weights=None):
+    """The full model (client part(s) + server part). When every client keeps
+    its own client part, their average (weights n_k, uniform if None)."""
+    client = state.client
+    if self.composition.aggregation.per_client:
+      k = jax.tree.leaves(client)[0].shape[0]
+      client = fedavg.weighted_average(client, jnp.ones((k,)) if weights is None else weights)
+    return self.model.merge_variables((client, state.server))
 
-  # -- one step for a group of clients ------------------------------------
-  def _group_step(self, cvars, copt, svars, sopt, x, y, m, order):
-    """One forward/backward for G clients; leaves of c* and x, y, m lead with G.
+  def client_variables(self, state: SplitState):
+    """Every client's own full model [K, ...] when clients keep their own, else None."""
+    if not self.composition.aggregation.per_client:
+      return None
+    k = jax.tree.leaves(state.client)[0].shape[0]
+    server = fedavg.broadcast(state.server, k)
+    return jax.vmap(lambda c, s: self.model.merge_variables((c, s)))(state.client, server)
 
-    ``svars``/``sopt`` lead with G for replicas; a shared server processes
-    the G clients' smashed data one at a time in ``order``.
-    """
-    client_mod, server_mod = self.modules
-    active = jnp.any(m, axis=-1)
-    reset = self.policy.server_reset_each_step
-    smashed, cvars_fwd, backward = clients_forward(self.executor, client_mod, cvars, x, m,
-                                                   self.compute_dtype)
+  # -- one round: begin, steps, end -------------------------------------
+  def num_steps(self, inp: RoundInputs) -> int:
+    """Events in a round: T synchronous steps, or M*T client-major ones."""
+    m, t = inp.idx.shape[:2]
+    return self.composition.schedule.num_steps(m, t)
 
-    def server_one(sv, so, a, yb, mb, act):
-      grads, d_a, sv_new, stats = server_forward_backward(server_mod, sv, a, yb, mb,
-                                                          self.compute_dtype)
-      sv_new, so_new = optimizer_step(self.server_optimizer, sv_new, so, grads, reset=reset)
-      sv, so = keep_if(act, (sv_new, so_new), (sv, so))
-      return sv, so, d_a, stats
+  def begin(self, state: SplitState, inp: RoundInputs) -> SplitCarry:
+    """The round's working state: participants (and replicas) start from the stored models."""
+    c, m = self.composition, inp.weights.shape[0]
+    view = state if inp.clients is None else state_lib.gather(state, inp.clients)
+    copt = view.client_opt
+    if self.policy.client_reset_each_round:
+      params = jax.tree.map(lambda a: a[0], view.client["params"]) if c.aggregation.per_client \
+          else view.client["params"]
+      copt = _reset_each(self.client_optimizer, params, copt)
+    per_client = frozenset({"client_opt", "stats"}
+                           | (set() if c.aggregation.handoff else {"client"})
+                           | ({"server", "server_opt"} if c.server.per_client else set()))
+    return SplitCarry(client=c.aggregation.begin(view.client, m),
+                      server=c.server.begin(view.server, m), client_opt=copt,
+                      server_opt=view.server_opt, stats=_zeros_stats(m),
+                      stored=None if inp.clients is None else state, per_client=per_client)
 
-    if self.server == "replicas":
-      svars, sopt, d_smashed, stats = self.executor.map(
-          server_one, svars, sopt, smashed, y, m, active)
-    else:
-      def body(carry, k):
-        sv, so, d_all = carry
-        sv, so, d_k, st = server_one(sv, so, smashed[k], y[k], m[k], active[k])
-        return (sv, so, d_all.at[k].set(d_k)), st
+  def server_update(self, sv, so, sv_fwd, grads, active):
+    """The server's optimizer step after one client batch (skipped for padding)."""
+    sv_new, so_new = optimizer_step(self.server_optimizer, sv_fwd, so, grads,
+                                    reset=self.policy.server_reset_each_step)
+    return keep_if(active, (sv_new, so_new), (sv, so))
 
-      num = order.shape[0]
-      (svars, sopt, d_smashed), stats_in_order = jax.lax.scan(
-          body, (svars, sopt, jnp.zeros_like(smashed)), order,
-          unroll=num if num <= self.executor.unroll_up_to else 1)
-      stats = jax.tree.map(lambda s: jnp.zeros_like(s).at[order].set(s), stats_in_order)
+  def step(self, carry: SplitCarry, inp: RoundInputs, t) -> SplitCarry:
+    """Event ``t`` of the round (see :meth:`num_steps`)."""
+    c = self.composition
+    rows, s, order = c.schedule.event(inp, t)
+    x, y, m, ids = _batch(inp, s, self.executor, self.augment, rows)
+    keys = _keys(inp, ids, s, self._needs_rng)
+    take = (lambda tree: tree) if rows is None else (lambda tree: fedavg.index(tree, rows))
+    put = ((lambda full, part: part) if rows is None
+           else (lambda full, part: fedavg.update_index(full, rows, part)))
+    handoff = c.aggregation.handoff
+    cvars = fedavg.broadcast(carry.client, 1) if handoff else take(carry.client)
+    copt = take(carry.client_opt)
+    svars = take(carry.server) if c.server.per_client else carry.server
+    sopt = take(carry.server_opt) if c.server.per_client else carry.server_opt
 
-    grads = backward(d_smashed)
+    grads, cvars_fwd, svars, sopt, stats = c.labels.exchange(
+        self, self.parts, cvars, svars, sopt, x, y, m, keys, order)
 
     def client_one(cv_old, cv_fwd, co, g, act):
       cv_new, co_new = optimizer_step(self.client_optimizer, cv_fwd, co, g)
       return keep_if(act, (cv_new, co_new), (cv_old, co))
 
-    cvars, copt = self.executor.map(client_one, cvars, cvars_fwd, copt, grads, active)
-    return cvars, copt, svars, sopt, stats
+    cvars, copt = self.executor.map(client_one, cvars, cvars_fwd, copt, grads,
+                                    jnp.any(m, axis=-1))
+    client = fedavg.index(cvars, 0) if handoff else put(carry.client, cvars)
+    server, server_opt = svars, sopt
+    if c.server.per_client:
+      server, server_opt = put(carry.server, svars), put(carry.server_opt, sopt)
+    return carry.replace(client=client, client_opt=put(carry.client_opt, copt), server=server,
+                         server_opt=server_opt, stats=put(carry.stats, take(carry.stats) + stats))
 
-  # -- one round: begin, steps, end -------------------------------------
-  def num_steps(self, inp: RoundInputs) -> int:
-    """Steps in a round: T synchronous steps, or K*T client-major events."""
-    k, t = inp.idx.shape[:2]
-    return t if self.schedule == "synchronous" else k * t
-
-  def begin(self, state, inp: RoundInputs):
-    """The round's working state: participants (and replicas) start from the global models."""
-    num_clients = inp.weights.shape[0]
-    client, server = state["client"], state["server"]
-    copt = _participants(state["client_opt"], inp)
-    if self.policy.client_reset_each_round:
-      copt = fedavg.broadcast(self.client_optimizer.init(client["params"]), num_clients)
-    replicas = self.server == "replicas"
-    sopt = _participants(state["server_opt"], inp) if replicas else state["server_opt"]
-    relay = self.client_aggregation == "relay"
-    carry = {"client": client if relay else fedavg.broadcast(client, num_clients),
-             "client_opt": copt,
-             "server": fedavg.broadcast(server, num_clients) if replicas else server,
-             "server_opt": sopt,
-             "stats": _zeros_stats(num_clients)}
-    if inp.clients is not None:  # Every client's own states, to write the participants' back into.
-      carry["all"] = {"client_opt": state["client_opt"],
-                      "server_opt": state["server_opt"] if replicas else None}
-    return carry
-
-  def step(self, carry, inp: RoundInputs, t):
-    """Step ``t`` of the round (see :meth:`num_steps`)."""
-    cvars, copt = carry["client"], carry["client_opt"]
-    svars, sopt, acc = carry["server"], carry["server_opt"], carry["stats"]
-    if self.schedule == "synchronous":
-      x, y, m = _batch(inp, t, self.executor, self.augment)
-      cvars, copt, svars, sopt, st = self._group_step(
-          cvars, copt, svars, sopt, x, y, m, inp.step_orders[t])
-      acc = acc + st
-    else:  # Client-major: event t is step t % T of the (t // T)-th client in turn.
-      num_steps = inp.idx.shape[1]
-      k, s = inp.client_order[t // num_steps], t % num_steps
-      relay = self.client_aggregation == "relay"
-      cv = cvars if relay else fedavg.index(cvars, k)
-      x, y, m = _client_batch(inp, k, s, self.augment)
-      cv, co, svars, sopt, st = self._group_step(
-          _expand(cv), _expand(fedavg.index(copt, k)), svars, sopt, x, y, m,
-          jnp.zeros((1,), jnp.int32))
-      cv, co, st = fedavg.index((cv, co, st), 0)
-      cvars = cv if relay else fedavg.update_index(cvars, k, cv)
-      copt = fedavg.update_index(copt, k, co)
-      acc = jax.tree.map(lambda a, v: a.at[k].add(v), acc, st)
-    return {**carry, "client": cvars, "client_opt": copt, "server": svars, "server_opt": sopt,
-            "stats": acc}
-
-  def end(self, carry, inp: RoundInputs):
-    """Aggregation: returns ``(new_state, per-client BatchStats [K])``."""
-    client, server = carry["client"], carry["server"]
-    if self.client_aggregation == "fedavg":
-      client = fedavg.weighted_average(client, inp.weights)
-    copt, sopt = carry["client_opt"], carry["server_opt"]
-    if self.server == "replicas":
-      server = fedavg.weighted_average(server, inp.weights)
-      sopt = _write_back(carry.get("all", {}).get("server_opt"), sopt, inp)
-    copt = _write_back(carry.get("all", {}).get("client_opt"), copt, inp)
-    return ({"client": client, "server": server, "client_opt": copt,
-             "server_opt": sopt}, carry["stats"])
+  def end(self, carry: SplitCarry, inp: RoundInputs) -> tuple[SplitState, BatchStats]:
+    """Aggregation: returns ``(new_state, per-participant BatchStats [M])``."""
+    c = self.composition
+    new = SplitState(client=c.aggregation.end(carry.client, inp.weights),
+                     server=c.server.end(carry.server, inp.weights),
+                     client_opt=carry.client_opt, server_opt=carry.server_opt,
+                     per_client=self._per_client)
+    if carry.stored is not None:
+      new = state_lib.scatter(carry.stored, inp.clients, new)
+    return new, carry.stats
 
   def round(self, state, inp: RoundInputs):
     """One global epoch in one program (steps under ``lax.fori_loop``)."""
-    return _fused_round(self, state, inp)
+    return fused_round(self, state, inp)
+
+  # -- communication ---------------------------------------------------------
+  def traffic(self, counts, local_epochs: int, input_shape, label_dtype) -> comm.Traffic:
+    """Bytes moved in a round by participants holding ``counts`` samples (by kind)."""
+    shapes = jax.eval_shape(self.model.init, jax.random.key(0))
+    client, server = self._split(shapes)
+    parts = self.parts
+    x1 = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+    head = jax.eval_shape(
+        lambda v, x: apply_with_state(parts[0], v, x, None, self.compute_dtype,
+                                      jax.random.key(0))[0],
+        self.model.split_variables(shapes, self.cuts)[0], x1)
+    body_out = 0
+    if len(parts) == 3:
+      body = jax.eval_shape(
+          lambda v, a: apply_with_state(parts[1], v, a, None, self.compute_dtype,
+                                        jax.random.key(0))[0], server, head)
+      body_out = comm.tree_bytes(body)
+    return comm.split_traffic(counts, local_epochs, comm.tree_bytes(head),
+                              0 if body_out else np.dtype(label_dtype).itemsize,
+                              comm.tree_bytes(client), server_out_bytes_per_sample=body_out)
 
 
-def _fused_round(algorithm, state, inp):
+def fused_round(algorithm, state, inp):
+  """begin, every step under ``lax.fori_loop``, end: one round in one program."""
   carry = algorithm.begin(state, inp)
   carry = jax.lax.fori_loop(0, algorithm.num_steps(inp),
                             lambda t, c: algorithm.step(c, inp, t), carry)
@@ -326,72 +373,115 @@ class FedAvg:
   """
   model: SplitModel
   optimizer: optax.GradientTransformation
+  loss: Loss | None = None
   policy: OptimizerPolicy = PERSISTENT
   executor: ClientExecutor = ClientExecutor("vmap")
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   compute_dtype: Any = None
 
-  def init(self, variables, num_clients: int) -> dict[str, Any]:
+  def init(self, variables, num_clients: int) -> FLState:
     opt = fedavg.broadcast(self.optimizer.init(variables["params"]), num_clients)
-    return {"model": variables, "opt": opt}
+    return FLState(variables, opt)
 
-  def global_variables(self, state) -> dict[str, Any]:
-    return state["model"]
+  def global_variables(self, state: FLState, weights=None):
+    return state.model
+
+  def client_variables(self, state):
+    return None
 
   def num_steps(self, inp: RoundInputs) -> int:
     return inp.idx.shape[1]
 
-  def begin(self, state, inp: RoundInputs):
-    num_clients = inp.weights.shape[0]
-    opt = _participants(state["opt"], inp)
+  def begin(self, state: FLState, inp: RoundInputs) -> FLCarry:
+    m = inp.weights.shape[0]
+    opt = state.opt if inp.clients is None else fedavg.index(state.opt, inp.clients)
     if self.policy.client_reset_each_round:
-      opt = fedavg.broadcast(self.optimizer.init(state["model"]["params"]), num_clients)
-    carry = {"models": fedavg.broadcast(state["model"], num_clients), "opt": opt,
-             "stats": _zeros_stats(num_clients)}
-    if inp.clients is not None:
-      carry["all_opt"] = state["opt"]
-    return carry
+      opt = _reset_each(self.optimizer, state.model["params"], opt)
+    return FLCarry(fedavg.broadcast(state.model, m), opt, _zeros_stats(m),
+                   None if inp.clients is None else state)
 
-  def step(self, carry, inp: RoundInputs, t):
+  def step(self, carry: FLCarry, inp: RoundInputs, t) -> FLCarry:
     module = self.model.full()
+    needs_rng = bool(getattr(self.model, "needs_rng", False))
 
-    def local(v, o, xb, yb, mb):
-      grads, v_fwd, stats = full_forward_backward(module, v, xb, yb, mb, self.compute_dtype)
+    def local(v, o, xb, yb, mb, key):
+      grads, v_fwd, stats = full_forward_backward(module, v, xb, yb, mb, self.compute_dtype,
+                                                  self.loss, key)
       v_new, o_new = optimizer_step(self.optimizer, v_fwd, o, grads)
       v, o = keep_if(jnp.any(mb), (v_new, o_new), (v, o))
       return v, o, stats
 
-    x, y, m = _batch(inp, t, self.executor, self.augment)
-    models, opt, st = self.executor.map(local, carry["models"], carry["opt"], x, y, m)
-    return {**carry, "models": models, "opt": opt, "stats": carry["stats"] + st}
+    x, y, m, ids = _batch(inp, t, self.executor, self.augment)
+    keys = _keys(inp, ids, t, needs_rng).client
+    if keys is None:
+      models, opt, st = self.executor.map(lambda v, o, xb, yb, mb: local(v, o, xb, yb, mb, None),
+                                          carry.models, carry.opt, x, y, m)
+    else:
+      models, opt, st = self.executor.map(local, carry.models, carry.opt, x, y, m, keys)
+    return carry.replace(models=models, opt=opt, stats=carry.stats + st)
 
-  def end(self, carry, inp: RoundInputs):
-    return ({"model": fedavg.weighted_average(carry["models"], inp.weights),
-             "opt": _write_back(carry.get("all_opt"), carry["opt"], inp)}, carry["stats"])
+  def end(self, carry: FLCarry, inp: RoundInputs):
+    opt = carry.opt if carry.stored is None else fedavg.update_index(carry.stored.opt,
+                                                                     inp.clients, carry.opt)
+    return FLState(fedavg.weighted_average(carry.models, inp.weights), opt), carry.stats
 
   def round(self, state, inp: RoundInputs):
-    return _fused_round(self, state, inp)
+    return fused_round(self, state, inp)
+
+  def traffic(self, counts, local_epochs, input_shape, label_dtype) -> comm.Traffic:
+    del local_epochs, input_shape, label_dtype
+    shapes = jax.eval_shape(self.model.init, jax.random.key(0))
+    return comm.fl_traffic(len(counts), comm.tree_bytes(shapes))
 
 
-def build(name: str, model: SplitModel, *, cut: int, optimizer, executor,
+@dataclasses.dataclass(frozen=True)
+class Centralized(FedAvg):
+  """One client holding all data, one optimizer for the whole run: no traffic."""
+
+  def traffic(self, counts, local_epochs, input_shape, label_dtype) -> comm.Traffic:
+    return comm.Traffic()
+
+
+def composition(name: str, *, num_cuts: int = 1, sflv2_order: str = "paper") -> sides.Composition:
+  """The named composition (see :data:`COMPOSITIONS`); two cuts make it U-shaped."""
+  if name not in COMPOSITIONS:
+    raise ValueError(f"unknown split algorithm {name!r}: choose one of "
+                     f"{', '.join(COMPOSITIONS)}")
+  comp = COMPOSITIONS[name]
+  if name == "sflv2" and sflv2_order == "client":
+    comp = dataclasses.replace(comp, schedule=sides.CLIENT_MAJOR)
+  return comp.with_labels(sides.CLIENT_LABELS) if num_cuts == 2 else comp
+
+
+def build(name: str | sides.Composition, model: SplitModel, *, cut=None, optimizer=None,
+          client_optimizer=None, server_optimizer=None, executor=ClientExecutor("vmap"),
           policy: OptimizerPolicy = PERSISTENT, sflv2_order: str = "paper", augment=None,
-          compute_dtype=None):
-  """The algorithm called ``name`` (see :data:`ALGORITHMS`)."""
-  common = dict(executor=executor, augment=augment, compute_dtype=compute_dtype)
-  split = dict(model=model, cut=cut, client_optimizer=optimizer,
-               server_optimizer=optimizer, policy=policy, **common)
-  if name == "sflv1":
-    return SplitFed(**split, client_aggregation="fedavg", server="replicas",
-                    schedule="synchronous")
-  if name == "sflv2":
-    schedule = {"paper": "synchronous", "client": "client_major"}[sflv2_order]
-    return SplitFed(**split, client_aggregation="fedavg", server="shared",
-                    schedule=schedule)
-  if name == "sl":
-    return SplitFed(**split, client_aggregation="relay", server="shared",
-                    schedule="client_major")
+          compute_dtype=None, loss: Loss | None = None):
+  """The algorithm ``name`` (see :data:`ALGORITHMS`) or a composition, built.
+
+  ``cut``: an int, a block name, or two of them (U-shaped); default the
+  model's. ``optimizer`` serves both sides unless ``client_optimizer`` /
+  ``server_optimizer`` are given.
+  """
+  client_optimizer = client_optimizer or optimizer
+  server_optimizer = server_optimizer or optimizer
+  if client_optimizer is None or server_optimizer is None:
+    raise ValueError("optimizer: give an optax optimizer (or client_optimizer and "
+                     "server_optimizer)")
+  common = dict(executor=executor, augment=augment, compute_dtype=compute_dtype, loss=loss)
   if name == "fl":
-    return FedAvg(model=model, optimizer=optimizer, policy=policy, **common)
+    return FedAvg(model=model, optimizer=client_optimizer, policy=policy, **common)
   if name == "centralized":  # One optimizer for the whole run, never reset.
-    return FedAvg(model=model, optimizer=optimizer, policy=PERSISTENT, **common)
-  raise ValueError(f"unknown algorithm {name!r}: choose one of {', '.join(ALGORITHMS)}")
+    return Centralized(model=model, optimizer=client_optimizer, policy=PERSISTENT, **common)
+  cuts = model.resolve_cuts(cut) if hasattr(model, "resolve_cuts") else model.check_cut(
+      model.default_cut if cut is None else cut)
+  if isinstance(name, sides.Composition):
+    comp = name
+    if len(cuts) == 2 and comp.labels.num_cuts == 1:
+      comp = comp.with_labels(sides.CLIENT_LABELS)
+  elif name in COMPOSITIONS:
+    comp = composition(name, num_cuts=len(cuts), sflv2_order=sflv2_order)
+  else:
+    raise ValueError(f"unknown algorithm {name!r}: choose one of {', '.join(ALGORITHMS)}")
+  return SplitFed(comp, model, cuts, client_optimizer, server_optimizer, policy=policy,
+                  **common)

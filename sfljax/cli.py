@@ -1,9 +1,12 @@
 """Command line: ``sfljax train ...`` (also ``python -m sfljax train ...``).
 
-Thin by design: it parses flags into a :class:`sfljax.train.Config`, checks
-the output directory, runs :class:`sfljax.train.Experiment` and writes
-``config.json``, ``metrics.jsonl`` (one line per finished round) and
-``summary.json``. Bad input ends with one line on stderr and exit code 2.
+Thin by design: it parses flags into a :class:`sfljax.config.Config` (the
+flags of ``train`` and ``partition`` are made from the Config's fields, see
+:func:`sfljax.config.options`; only the flags that do not change the numbers
+are written here), checks the output directory, runs
+:class:`sfljax.train.Experiment` and writes ``config.json``, ``metrics.jsonl``
+(one line per finished round) and ``summary.json``. Bad input ends with one
+line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -28,51 +31,18 @@ class _Parser(argparse.ArgumentParser):
     raise UsageError(message)
 
 
+PARTITION_FIELDS: tuple[str, ...] = ("dataset", "data_dir", "clients", "partition", "alpha",
+                                     "shards_per_client", "classes_per_client",
+                                     "min_client_size", "seed")
+"""The Config fields that ``sfljax partition`` takes."""
+
+
 def _parser() -> argparse.ArgumentParser:
-  from sfljax import algorithms, data, execution, models, split
   p = _Parser(prog="sfljax", description="SplitFed learning in JAX")
   sub = p.add_subparsers(dest="command", parser_class=_Parser)
   sub.required = True
   t = sub.add_parser("train", help="train one configuration and log per-round metrics")
-  t.add_argument("--algorithm", default="sflv1", choices=algorithms.ALGORITHMS)
-  t.add_argument("--model", default="lenet", choices=models.MODELS)
-  t.add_argument("--cut", type=int, default=None,
-                 help="number of blocks on the client side (default: the paper's cut)")
-  t.add_argument("--norm", default=None, choices=("batch", "group", "none"),
-                 help="normalisation layers (default: the model's own)")
-  t.add_argument("--dataset", default="digits", choices=data.DATASETS)
-  t.add_argument("--data-dir", default=None)
-  t.add_argument("--clients", type=int, default=5)
-  t.add_argument("--rounds", type=int, default=20, help="global epochs")
-  t.add_argument("--local-epochs", type=int, default=1)
-  t.add_argument("--batch-size", type=int, default=32)
-  t.add_argument("--optimizer", default="adam", choices=split.OPTIMIZERS)
-  t.add_argument("--lr", type=float, default=1e-3)
-  t.add_argument("--optimizer-state", default="persistent", choices=("persistent", "reference"),
-                 help="persistent: one optimizer state per model for the whole run; "
-                      "reference: reset like the official code")
-  t.add_argument("--sflv2-order", default="paper", choices=("paper", "client"),
-                 help="paper: random client order per step; client: one client's epoch after another")
-  t.add_argument("--partition", default="iid", choices=data.PARTITIONS)
-  _partition_options(t)
-  t.add_argument("--seed", type=int, default=0)
-  t.add_argument("--no-augment", dest="augment", action="store_false",
-                 help="skip the dataset's train augmentation (HAM10000 has one)")
-  t.add_argument("--strategy", default="auto", choices=execution.STRATEGIES,
-                 help="how the client axis runs: vmap, or sequential inside the program")
-  t.add_argument("--step-loop", default="auto", choices=execution.STEP_LOOPS,
-                 help="scan: one compiled round; python: a loop over one compiled step")
-  t.add_argument("--client-fraction", type=float, default=1.0,
-                 help="fraction of clients taking part in each round (seeded sampling; "
-                      "shapes stay fixed, so sampling never recompiles)")
-  t.add_argument("--client-block", type=int, default=None,
-                 help="compute at most this many clients at once inside the program "
-                      "(bounds memory; same result as one block)")
-  t.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                 help="bf16: bfloat16 compute with float32 master weights (for accelerators)")
-  t.add_argument("--devices", type=int, default=None,
-                 help="split the clients over this many devices (clients must divide evenly); "
-                      "default: one device, or all devices of a multi-process run")
+  _config_options(t)
   t.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                  help="multi-host: process 0's address (same on every host)")
   t.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
@@ -84,40 +54,38 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--overwrite", action="store_true",
                  help="replace an existing run directory given by --out")
   t.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-  _add_partition_command(sub)
+  q = sub.add_parser("partition", help="show (and plot) how the training set splits among clients")
+  _config_options(q, PARTITION_FIELDS)
+  q.add_argument("--plot", default=None, metavar="PNG",
+                 help="write the per-client label chart here")
   return p
 
 
-def _partition_options(p) -> None:
-  p.add_argument("--alpha", type=float, default=0.5,
-                 help="dirichlet partition: concentration (small = strong label skew)")
-  p.add_argument("--shards-per-client", type=int, default=2, help="shards partition")
-  p.add_argument("--classes-per-client", type=int, default=2, help="classes partition")
-  p.add_argument("--min-client-size", type=int, default=1,
-                 help="smallest number of samples a client may hold")
-
-
-def _add_partition_command(sub) -> None:
-  from sfljax import data
-  p = sub.add_parser("partition", help="show (and plot) how the training set splits among clients")
-  p.add_argument("--dataset", default="digits", choices=data.DATASETS)
-  p.add_argument("--data-dir", default=None)
-  p.add_argument("--clients", type=int, default=5)
-  p.add_argument("--partition", default="iid", choices=data.PARTITIONS)
-  _partition_options(p)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--plot", default=None, metavar="PNG", help="write the per-client label chart here")
+def _config_options(p, names=None) -> None:
+  """Adds the flags of the Config fields ``names`` (default: all), made from the
+  schema in :mod:`sfljax.config`; each flag stores into the field's name."""
+  from sfljax import config
+  for o in config.options(names):
+    text = o.help.replace("%", "%%")   # argparse formats help strings with %.
+    if o.type is None:                 # A bool: the flag flips the default.
+      p.add_argument(o.flag, dest=o.field, default=o.default,
+                     action="store_false" if o.default else "store_true", help=text)
+      continue
+    if o.default is not None:
+      text += f" (default: {o.default})"
+    p.add_argument(o.flag, dest=o.field, type=o.type, default=o.default, choices=o.choices,
+                   metavar=o.metavar, help=text)
 
 
 def _partition(args) -> int:
   from sfljax import partitions
-  from sfljax.train import ConfigError
+  from sfljax.config import ConfigError
   try:
     cfg = _config(args).validate()
     ds = _load(cfg)
     parts = cfg.client_partition(ds.y_train)
   except ConfigError as e:
-    raise UsageError(str(e)) from None
+    raise UsageError(e.cli_message) from None
   counts = partitions.label_counts(ds.y_train, parts, ds.num_classes)
   print("client  samples  " + " ".join(f"{c:>5d}" for c in range(ds.num_classes)))
   for k, row in enumerate(counts):
@@ -138,7 +106,7 @@ def _partition(args) -> int:
 def _config(args):
   """A Config from the parsed flags (each flag named like a Config field)."""
   import dataclasses
-  from sfljax.train import Config
+  from sfljax.config import Config
   return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                    if hasattr(args, f.name)})
 
@@ -227,7 +195,8 @@ def _initialize(args) -> bool:
 
 
 def _train(args) -> int:
-  from sfljax.train import ConfigError, Experiment, environment
+  from sfljax.config import ConfigError
+  from sfljax.train import Experiment, environment
   cfg = _config(args)
   try:
     cfg.validate()
@@ -235,7 +204,7 @@ def _train(args) -> int:
     out = _check_out(args.out, args.overwrite) if writer else None
     exp = Experiment(cfg, dataset=_load(cfg))
   except ConfigError as e:
-    raise UsageError(str(e)) from None
+    raise UsageError(e.cli_message) from None
   if not writer:  # Other processes of a multi-host run compute; process 0 writes.
     exp.run()
     return 0

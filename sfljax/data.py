@@ -10,6 +10,10 @@ round run in one compiled program; ``counts`` holds the true ``n_k``.
 visits its samples. It depends only on ``(seed, round, client, epoch)`` and
 the client's sample count, so two algorithms with the same seed and the same
 client data see the same batches in the same order.
+
+:func:`check_dataset` and :func:`check_parts` refuse user-supplied data or
+partitions that cannot train (labels out of range, clients sharing samples,
+...) with a one-line :class:`ValueError`.
 """
 
 from __future__ import annotations
@@ -49,6 +53,132 @@ class Dataset:
   @property
   def input_shape(self) -> tuple[int, int, int]:
     return tuple(self.x_train.shape[1:])
+
+
+def _count(n: int, what: str, plural: str | None = None) -> str:
+  """'1 sample', '3 samples'."""
+  return f"{n} " + (what if n == 1 else plural or what + "s")
+
+
+def check_dataset(ds: Dataset) -> Dataset:
+  """Refuses a dataset that cannot train; returns it unchanged if it can.
+
+  Checks that ``num_classes`` is an integer of at least 2; that each split's
+  images are rank-4 NHWC with nonzero H, W, C and its labels a 1-D integer
+  array of one label per image; that neither split is empty; that every label
+  lies in ``[0, num_classes)``; that train and test images have the same
+  ``(H, W, C)``; and that every image value is finite. A failure raises
+  :class:`ValueError` with a one-line message that names the offending
+  attribute (``dataset.y_train`` ...) and how to fix it, e.g.
+  ``dataset.y_train: label 12 is outside [0, 10) for 3 samples; relabel to
+  0..num_classes-1 or raise num_classes``. Meant for user-supplied data: a
+  label outside the range would otherwise train to NaN without a word.
+  """
+  c = ds.num_classes
+  if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)):
+    raise ValueError(f"dataset.num_classes: {c!r} is not an integer; give the number "
+                     "of classes as an int")
+  c = int(c)
+  if c < 2:
+    raise ValueError(f"dataset.num_classes: {c} is fewer than 2; a classifier needs at "
+                     "least two classes")
+  for split in ("train", "test"):
+    x = np.asarray(getattr(ds, f"x_{split}"))
+    y = np.asarray(getattr(ds, f"y_{split}"))
+    if x.ndim != 4 or 0 in x.shape[1:]:
+      hint = " (add a channel axis: x[..., None])" if x.ndim == 3 else ""
+      raise ValueError(f"dataset.x_{split}: images must be rank-4 NHWC [N, H, W, C] with "
+                       f"nonzero H, W, C, got shape {x.shape}{hint}")
+    if y.ndim != 1:
+      raise ValueError(f"dataset.y_{split}: labels must be a 1-D array [N] of class ids, "
+                       f"got shape {y.shape}; for one-hot labels pass y.argmax(-1)")
+    if len(y) != len(x):
+      raise ValueError(f"dataset.y_{split}: {_count(len(y), 'label')} for "
+                       f"{_count(len(x), 'image')} in dataset.x_{split}; give exactly one "
+                       "label per image")
+    if len(x) == 0:
+      raise ValueError(f"dataset.x_{split}: the {split} set is empty; it needs at least "
+                       "one sample")
+    if not np.issubdtype(y.dtype, np.integer):
+      raise ValueError(f"dataset.y_{split}: labels have dtype {y.dtype}, not an integer "
+                       "dtype; pass class ids 0..num_classes-1 as integers "
+                       "(e.g. y.astype(np.int32))")
+    bad = (y < 0) | (y >= c)
+    if bad.any():
+      values, counts = np.unique(y[bad], return_counts=True)
+      i = int(np.argmax(counts))
+      more = (f" ({_count(int(bad.sum()), 'sample')} in all carry {len(values)} "
+              f"out-of-range labels from {values[0]} to {values[-1]})" if len(values) > 1 else "")
+      raise ValueError(f"dataset.y_{split}: label {values[i]} is outside [0, {c}) for "
+                       f"{_count(int(counts[i]), 'sample')}{more}; relabel to "
+                       "0..num_classes-1 or raise num_classes")
+  train_shape, test_shape = np.shape(ds.x_train)[1:], np.shape(ds.x_test)[1:]
+  if train_shape != test_shape:
+    raise ValueError(f"dataset.x_test: test images have shape (H, W, C) = {test_shape} but "
+                     f"train images {train_shape}; resize both splits to the same shape")
+  for split in ("train", "test"):
+    x = np.asarray(getattr(ds, f"x_{split}"))
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+      raise ValueError(f"dataset.x_{split}: images have dtype {x.dtype}, not a real number "
+                       "dtype; pass float32 pixel values")
+    finite = np.isfinite(x)
+    if not finite.all():
+      per_sample = (~finite).reshape(len(x), -1).any(axis=1)
+      raise ValueError(f"dataset.x_{split}: NaN or inf values in "
+                       f"{_count(int(per_sample.sum()), 'image')} (first: sample "
+                       f"{int(np.argmax(per_sample))}); drop or repair those samples")
+  return ds
+
+
+def check_parts(parts: Sequence[np.ndarray], num_samples: int) -> list[np.ndarray]:
+  """Refuses a client partition that cannot train; returns it as int64 arrays.
+
+  Each part (one per client, client ``k`` = ``parts[k]``) must be a non-empty
+  1-D integer array of training-sample indices in ``[0, num_samples)`` with no
+  repeats, and no index may belong to two clients. Samples left out of every
+  part are allowed (they are simply not trained on). A failure raises
+  :class:`ValueError` with a one-line message that starts with ``parts: ``,
+  names the client(s) and an offending index, and says how to fix it.
+  """
+  num_samples = int(num_samples)
+  parts = [np.asarray(p) for p in parts]
+  if not parts:
+    raise ValueError("parts: no clients; give at least one index array")
+  for k, p in enumerate(parts):
+    if p.ndim != 1:
+      raise ValueError(f"parts: client {k}'s part has shape {p.shape}; each part must be a "
+                       "1-D array of sample indices")
+    if p.size == 0:
+      raise ValueError(f"parts: client {k} has no samples; give every client at least one "
+                       "sample or use fewer clients")
+    if not np.issubdtype(p.dtype, np.integer):
+      hint = " (a boolean mask? use np.flatnonzero(mask))" if p.dtype == bool else ""
+      raise ValueError(f"parts: client {k}'s indices have dtype {p.dtype}, not an integer "
+                       f"dtype{hint}; pass sample indices as integers")
+    out = (p < 0) | (p >= num_samples)
+    if out.any():
+      raise ValueError(f"parts: client {k} has index {p[out][0]} outside [0, {num_samples}) "
+                       f"({_count(int(out.sum()), 'such index', 'such indices')}); "
+                       "indices must be positions in the training set")
+    values, counts = np.unique(p, return_counts=True)
+    if (counts > 1).any():
+      rep = counts > 1
+      raise ValueError(f"parts: client {k} lists sample {values[rep][0]} more than once "
+                       f"({_count(int(rep.sum()), 'repeated sample')}); each sample may "
+                       "appear once per client")
+  parts = [p.astype(np.int64) for p in parts]
+  idx = np.concatenate(parts)
+  owner = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+  order = np.argsort(idx, kind="stable")
+  idx, owner = idx[order], owner[order]
+  shared = idx[1:] == idx[:-1]   # within-part repeats are refused above
+  if shared.any():
+    i = int(np.argmax(shared))
+    n_shared = len(np.unique(idx[1:][shared]))
+    raise ValueError(f"parts: sample {idx[i]} is in both client {owner[i]} and client "
+                     f"{owner[i + 1]} ({_count(n_shared, 'shared sample')} in all); "
+                     "assign every sample to one client only")
+  return parts
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:

@@ -67,6 +67,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sfljax.algorithms import RoundInputs
 from sfljax.execution import CLIENT_AXIS
+from sfljax.state import per_client_mask
 
 __all__ = ["CLIENT_AXIS", "Shardings", "check_clients", "client_mesh", "client_sharding",
            "fetch", "initialize", "input_shardings", "is_main_process", "place", "replicate",
@@ -279,25 +280,6 @@ def input_shardings(mesh: Mesh) -> RoundInputs:
   return RoundInputs(x=c, y=c, idx=c, mask=c, weights=c, step_orders=r, client_order=r, key=r)
 
 
-def _per_client(shapes: Callable[[int], Any], num_clients: int):
-  """Which leaves of ``shapes(K)`` carry a leading client axis: those whose
-  leading dimension is K for K clients and K + 1 for K + 1 clients."""
-  a, b = shapes(num_clients), shapes(num_clients + 1)
-  return jax.tree.map(lambda u, v: bool(u.ndim and u.shape[0] == num_clients
-                                        and v.shape[0] == num_clients + 1), a, b)
-
-
-def _with_clients(inputs: RoundInputs, k: int) -> RoundInputs:
-  """Abstract round inputs for ``k`` clients (shapes only)."""
-  def s(x, shape=None):
-    return jax.ShapeDtypeStruct(x.shape if shape is None else shape, x.dtype)
-  lead = lambda x: s(x, (k,) + tuple(x.shape[1:]))  # noqa: E731
-  return RoundInputs(lead(inputs.x), lead(inputs.y), lead(inputs.idx), lead(inputs.mask),
-                     lead(inputs.weights),
-                     s(inputs.step_orders, (inputs.step_orders.shape[0], k)),
-                     lead(inputs.client_order), s(inputs.key))
-
-
 class Shardings(NamedTuple):
   """Where an algorithm's arrays live: trees of NamedSharding.
 
@@ -313,31 +295,26 @@ class Shardings(NamedTuple):
 
   @classmethod
   def of(cls, algorithm, variables, inputs: RoundInputs, mesh: Mesh) -> "Shardings":
-    """From the algorithm's pure functions: ``variables`` are the full model's
-    initial variables and ``inputs`` one round's inputs (arrays or shapes)."""
+    """From the algorithm's typed state: ``variables`` are the full model's
+    initial variables and ``inputs`` one round's inputs (arrays or shapes).
+    The leaves the state declares per client (:mod:`sfljax.state`) are
+    sharded, the rest replicated."""
     num_clients = int(inputs.weights.shape[0])
     check_clients(num_clients, mesh)
     c, r = _clients(mesh), _replicated(mesh)
     variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables)
-
-    def state(k):
-      return jax.eval_shape(lambda v: algorithm.init(v, k), variables)
-
-    def carry(k):
-      return jax.eval_shape(lambda v, i: algorithm.begin(algorithm.init(v, k), i),
-                            variables, _with_clients(inputs, k))
-
-    def ended(k):
-      return jax.eval_shape(
-          lambda v, i: algorithm.end(algorithm.begin(algorithm.init(v, k), i), i),
-          variables, _with_clients(inputs, k))
+    inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), inputs)
+    state = jax.eval_shape(lambda v: algorithm.init(v, num_clients), variables)
+    carry = jax.eval_shape(lambda v, i: algorithm.begin(algorithm.init(v, num_clients), i),
+                           variables, inputs)
+    ended, stats = jax.eval_shape(lambda v, i: algorithm.end(
+        algorithm.begin(algorithm.init(v, num_clients), i), i), variables, inputs)
 
     def to_sharding(tree):
-      return jax.tree.map(lambda per: c if per else r, tree)
+      return jax.tree.map(lambda per: c if per else r, per_client_mask(tree))
 
-    new_state, stats = _per_client(ended, num_clients)
-    state_sh = to_sharding(_per_client(state, num_clients))
-    if to_sharding(new_state) != state_sh:
+    state_sh = to_sharding(state)
+    if to_sharding(ended) != state_sh:
       raise ValueError("the algorithm's end state is laid out unlike its initial state")
-    return cls(state_sh, to_sharding(_per_client(carry, num_clients)),
-               to_sharding(stats), input_shardings(mesh))
+    return cls(state_sh, to_sharding(carry), jax.tree.map(lambda _: c, stats),
+               input_shardings(mesh))

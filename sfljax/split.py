@@ -1,32 +1,46 @@
-"""The exchange between client halves and the server half, via ``jax.vjp``.
+"""The exchange between client and server parts, via ``jax.vjp`` closures.
 
-One split training step, as in the paper:
+Two-part split (labels on the server), as in the paper:
 
-1. ``clients_forward``: every client runs its half forward and gets the
-   smashed data plus a closure (the client's ``jax.vjp``) that later turns the
-   smashed-data cotangent into its parameter gradients. Only the smashed data
-   (and the labels) go to the server.
-2. ``server_forward_backward``: the server runs its half and the loss, and
-   computes both its own gradients and the cotangent of the smashed data.
+1. :func:`clients_forward`: every client runs its head forward and keeps a
+   closure (its ``jax.vjp``) that later turns the smashed-data cotangent into
+   its parameter gradients. Only the smashed data (and the labels) go to the
+   server.
+2. :func:`server_forward_backward`: the server runs its part and the loss and
+   computes its own gradients and the cotangent of the smashed data.
 3. The cotangent goes back; the client's closure gives the client gradients.
 
-No whole-model gradient is taken anywhere: the two halves meet only through
-the smashed data and its cotangent.
+U-shaped split (labels never leave the client): one step is two exchanges.
+
+1. :func:`clients_forward` of the client head, as above.
+2. :func:`server_body_forward`: the server body's forward under ``jax.vjp``
+   (no labels, no loss); its output goes back to the client.
+3. :func:`client_tail_forward_backward`: the client's tail, the loss and its
+   backward: tail gradients and the cotangent of the server body's output,
+   which goes to the server.
+4. :func:`server_body_backward`: the server's closure gives its gradients and
+   the smashed-data cotangent, which goes to the client head's closure.
+
+No whole-model gradient is taken anywhere in the split algorithms: the parts
+meet only through activations and their cotangents.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from sfljax import fedavg
+from sfljax import fedavg, optimizers
 from sfljax.execution import ClientExecutor
 from sfljax.models import Sequential, apply_part
 
 Variables = dict[str, Any]
+Loss = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+"""A loss ``loss(logits, labels, mask) -> scalar``: the mean over the batch's
+real samples (``mask`` 1) of a per-sample loss; padded rows must not count."""
 
 
 def _with_params(variables: Variables, params) -> Variables:
@@ -45,22 +59,52 @@ class BatchStats(NamedTuple):
   count: jax.Array
 
   @classmethod
-  def zeros(cls) -> "BatchStats":
-    z = jnp.zeros((), jnp.float32)
+  def zeros(cls, shape=()) -> "BatchStats":
+    z = jnp.zeros(shape, jnp.float32)
     return cls(z, z, z)
 
   def __add__(self, other):  # type: ignore[override]
     return BatchStats(*(a + b for a, b in zip(self, other)))
 
 
-def masked_loss(logits, labels, mask):
-  """Mean softmax cross-entropy over real samples, and the batch sums."""
+def cross_entropy(logits, labels, mask):
+  """Mean softmax cross-entropy over the real samples (the default loss)."""
   per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   w = mask.astype(per_example.dtype)
-  loss_sum = jnp.sum(per_example * w)
-  correct = jnp.sum((jnp.argmax(logits, -1) == labels) * w)
+  return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def label_smoothing_cross_entropy(smoothing: float) -> Loss:
+  """Cross-entropy against labels smoothed by ``smoothing`` (uniform mass)."""
+  if not 0.0 <= smoothing < 1.0:
+    raise ValueError(f"smoothing: must be in [0, 1), got {smoothing!r}")
+
+  def loss(logits, labels, mask):
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    per_example = optax.softmax_cross_entropy(logits, targets)
+    w = mask.astype(per_example.dtype)
+    return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+  return loss
+
+
+def masked_loss(logits, labels, mask, loss: Loss | None = None):
+  """``loss`` (default cross-entropy) over real samples, and the batch sums."""
+  loss = cross_entropy if loss is None else loss
+  value = loss(logits, labels, mask)
+  w = mask.astype(jnp.float32)
   count = jnp.sum(w)
-  return loss_sum / jnp.maximum(count, 1.0), BatchStats(loss_sum, correct, count)
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) * w)
+  return value, BatchStats(value * count, correct, count)
+
+
+def merge_parts(*parts: Variables) -> Variables:
+  """The union of variables of disjoint blocks, collection by collection."""
+  out: dict[str, Any] = {}
+  for part in parts:
+    for col, tree in part.items():
+      out[col] = {**out.get(col, {}), **tree}
+  return out
 
 
 def _cast_floats(tree, dtype):
@@ -68,13 +112,16 @@ def _cast_floats(tree, dtype):
       lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-def apply_with_state(module: Sequential, variables: Variables, x, mask, compute_dtype=None):
+def apply_with_state(module: Sequential, variables: Variables, x, mask, compute_dtype=None,
+                     rng=None):
   """Train-mode forward; returns (output, variables with updated state).
 
   With ``compute_dtype`` (e.g. ``jnp.bfloat16``: mixed precision) the
   parameters and the input are cast to it for the computation only: the
   stored (master) parameters and BatchNorm statistics keep their own dtype,
   and gradients reach the master parameters through the cast, in their dtype.
+  ``rng`` is the part's dropout key for this batch (unused by models without
+  dropout).
 
   A batch with no real sample (a padded step) stays finite (see
   :mod:`sfljax.models`); such a step's results are discarded by the caller.
@@ -83,7 +130,7 @@ def apply_with_state(module: Sequential, variables: Variables, x, mask, compute_
   if compute_dtype is not None:
     run_vars = {**variables, "params": _cast_floats(variables["params"], compute_dtype)}
     x = _cast_floats(x, compute_dtype)
-  out, new_stats = apply_part(module, run_vars, x, train=True, mask=mask)
+  out, new_stats = apply_part(module, run_vars, x, train=True, mask=mask, rng=rng)
   new_vars = dict(variables)
   if "batch_stats" in variables:
     new_vars["batch_stats"] = jax.tree.map(lambda n, o: n.astype(o.dtype), new_stats,
@@ -92,26 +139,33 @@ def apply_with_state(module: Sequential, variables: Variables, x, mask, compute_
 
 
 def clients_forward(executor: ClientExecutor, module: Sequential,
-                    variables: Variables, x, mask, compute_dtype=None):
+                    variables: Variables, x, mask, compute_dtype=None, keys=None):
   """All clients' forward passes; leaves of every argument lead with K.
 
-  Each client runs ``jax.vjp`` of its own half, so it holds its smashed data
+  Each client runs ``jax.vjp`` of its own part, so it holds its smashed data
   and its own vjp closure (a pytree of residuals, stacked over clients by the
   executor). Returns ``(smashed, new_variables, backward)`` where ``smashed``
   is ``[K, B, ...]``, ``new_variables`` carries the updated BatchNorm
   statistics and ``backward(d_smashed) -> grads`` applies every client's
-  closure to its cotangent. With ``compute_dtype`` the smashed data (and the
-  cotangent) are in that dtype.
+  closure to its cotangent. ``keys`` ([K] PRNG keys or None) are the clients'
+  dropout keys. With ``compute_dtype`` the smashed data (and the cotangent)
+  are in that dtype.
   """
-  def one(params, state, xb, mb):
+  def one(params, state, xb, mb, key):
     def forward(p):
-      out, new_vars = apply_with_state(module, _with_params(state, p), xb, mb, compute_dtype)
+      out, new_vars = apply_with_state(module, _with_params(state, p), xb, mb, compute_dtype,
+                                       key)
       return out, _state(new_vars)
     smashed, vjp_fn, new_state = jax.vjp(forward, params, has_aux=True)
     return smashed, vjp_fn, new_state
 
-  smashed, vjp_fns, new_state = executor.map(
-      one, variables["params"], _state(variables), x, mask)
+  if keys is None:
+    smashed, vjp_fns, new_state = executor.map(
+        lambda p, s, xb, mb: one(p, s, xb, mb, None), variables["params"], _state(variables),
+        x, mask)
+  else:
+    smashed, vjp_fns, new_state = executor.map(
+        one, variables["params"], _state(variables), x, mask, keys)
 
   def backward(d_smashed):
     return executor.map(lambda vjp_fn, d: vjp_fn(d)[0], vjp_fns, d_smashed)
@@ -120,8 +174,9 @@ def clients_forward(executor: ClientExecutor, module: Sequential,
 
 
 def server_forward_backward(module: Sequential, variables: Variables,
-                            smashed, labels, mask, compute_dtype=None):
-  """Server half forward + loss + backward for one client's smashed data.
+                            smashed, labels, mask, compute_dtype=None, loss: Loss | None = None,
+                            rng=None):
+  """Server part forward + loss + backward for one client's smashed data.
 
   Returns ``(grads, d_smashed, new_variables, stats)``: the server's parameter
   gradients, the cotangent sent back to the client, the server variables with
@@ -129,23 +184,59 @@ def server_forward_backward(module: Sequential, variables: Variables,
   """
   def loss_fn(params, a):
     logits, new_vars = apply_with_state(module, _with_params(variables, params), a, mask,
-                                        compute_dtype)
-    loss, stats = masked_loss(logits.astype(jnp.float32), labels, mask)
-    return loss, (new_vars, stats)
+                                        compute_dtype, rng)
+    value, stats = masked_loss(logits.astype(jnp.float32), labels, mask, loss)
+    return value, (new_vars, stats)
 
   (_, (new_vars, stats)), (grads, d_smashed) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(variables["params"], smashed)
   return grads, d_smashed, new_vars, stats
 
 
+def server_body_forward(module: Sequential, variables: Variables, smashed, mask,
+                        compute_dtype=None, rng=None):
+  """U-shaped split, server side: the body's forward under ``jax.vjp``.
+
+  Takes no labels and computes no loss. Returns ``(out, backward,
+  new_variables)``: the activations sent back to the client's tail, the
+  server's closure for :func:`server_body_backward`, and the variables with
+  updated BatchNorm statistics.
+  """
+  def forward(params, a):
+    out, new_vars = apply_with_state(module, _with_params(variables, params), a, mask,
+                                     compute_dtype, rng)
+    return out, new_vars
+
+  out, vjp_fn, new_vars = jax.vjp(forward, variables["params"], smashed, has_aux=True)
+  return out, vjp_fn, new_vars
+
+
+def server_body_backward(vjp_fn, d_out):
+  """U-shaped split, server side: ``(grads, d_smashed)`` from the cotangent of
+  the body's output that the client's tail sent back."""
+  grads, d_smashed = vjp_fn(d_out)
+  return grads, d_smashed
+
+
+def client_tail_forward_backward(module: Sequential, variables: Variables, body_out, labels,
+                                 mask, compute_dtype=None, loss: Loss | None = None, rng=None):
+  """U-shaped split, client side: tail forward + loss + backward.
+
+  Returns ``(grads, d_body_out, new_variables, stats)``; ``d_body_out`` is
+  what the client sends to the server (labels and loss stay here).
+  """
+  return server_forward_backward(module, variables, body_out, labels, mask, compute_dtype,
+                                 loss, rng)
+
+
 def full_forward_backward(module: Sequential, variables: Variables, x, labels, mask,
-                          compute_dtype=None):
+                          compute_dtype=None, loss: Loss | None = None, rng=None):
   """Whole-model gradient, for the non-split baselines (FL, centralized)."""
   def loss_fn(params):
     logits, new_vars = apply_with_state(module, _with_params(variables, params), x, mask,
-                                        compute_dtype)
-    loss, stats = masked_loss(logits.astype(jnp.float32), labels, mask)
-    return loss, (new_vars, stats)
+                                        compute_dtype, rng)
+    value, stats = masked_loss(logits.astype(jnp.float32), labels, mask, loss)
+    return value, (new_vars, stats)
 
   (_, (new_vars, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       variables["params"])
@@ -157,11 +248,12 @@ def optimizer_step(opt: optax.GradientTransformation, variables: Variables,
   """One optimizer update of ``variables['params']``.
 
   With ``reset`` the optimizer state is created afresh before the update (the
-  official code's per-batch server optimizer).
+  official code's per-batch server optimizer), except that learning-rate
+  schedules keep counting (:func:`sfljax.optimizers.reset`).
   """
   params = variables["params"]
   if reset:
-    opt_state = opt.init(params)
+    opt_state = optimizers.reset(opt, params, opt_state)
   updates, new_opt_state = opt.update(grads, opt_state, params)
   new_vars = _with_params(variables, optax.apply_updates(params, updates))
   return new_vars, new_opt_state
@@ -171,17 +263,6 @@ def keep_if(active, new, old):
   """``new`` where ``active`` (a scalar) else ``old``, leafwise."""
   return fedavg.select(active, new, old)
 
-
-def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
-  """The optimizers offered by the CLI."""
-  if name == "adam":
-    return optax.adam(lr)
-  if name == "sgd":
-    return optax.sgd(lr)
-  raise ValueError(f"unknown optimizer {name!r}: choose one of adam, sgd")
-
-
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 
 PRECISIONS: dict[str, Any] = {"fp32": None, "bf16": jnp.bfloat16}
 """Compute dtypes: ``fp32`` computes in the parameters' dtype; ``bf16`` casts

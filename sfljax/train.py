@@ -1,4 +1,4 @@
-"""Configs as data and the experiment driver (importable; the CLI is thin).
+"""The experiment driver (importable; the CLI is thin).
 
 >>> cfg = Config(algorithm="sflv2", rounds=3)
 >>> history = run(cfg)                      # list of per-round metric dicts
@@ -6,13 +6,20 @@
 >>> state = exp.init()
 >>> for _ in range(cfg.rounds):
 ...   state, metrics = exp.step(state)
+
+Objects instead of names: ``Experiment(cfg, model=SplitModel.from_modules(...),
+client_optimizer=optax.adam(1e-3), server_optimizer=optax.adamw(schedule),
+loss=my_loss, algorithm=composition_or_algorithm, dataset=..., parts=...)``;
+whatever is not given is built from the config's names
+(:meth:`Experiment.from_config`).
+
+Metrics of a round (:data:`METRICS` documents every key).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import platform
-import re
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -21,105 +28,41 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfljax import algorithms, comm, data, distributed, execution, models, split
+from sfljax import algorithms, data, distributed, execution, models, optimizers, sides, split
+from sfljax.config import Config, ConfigError
 
-
-class ConfigError(ValueError):
-  """A bad setting; ``flag`` names the CLI flag it came from."""
-
-  def __init__(self, flag: str, message: str):
-    super().__init__(f"{flag}: {message}")
-    self.flag = flag
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Everything that determines a run. Same config + same machine -> same numbers."""
-  algorithm: str = "sflv1"
-  model: str = "lenet"
-  cut: int | None = None            # client-side blocks; None = the paper's cut
-  norm: str | None = None           # batch | group | none; None = model default
-  dataset: str = "digits"
-  data_dir: str | None = None
-  clients: int = 5
-  rounds: int = 20
-  local_epochs: int = 1
-  batch_size: int = 32
-  optimizer: str = "adam"
-  lr: float = 1e-3
-  optimizer_state: str = "persistent"   # persistent | reference
-  sflv2_order: str = "paper"            # paper | client
-  partition: str = "iid"
-  alpha: float = 0.5                    # dirichlet concentration
-  shards_per_client: int = 2
-  classes_per_client: int = 2
-  min_client_size: int = 1
-  seed: int = 0
-  augment: bool = True                  # the dataset's train augmentation, if it has one
-  strategy: str = "auto"
-  step_loop: str = "auto"
-  eval_batch_size: int = 512
-  client_fraction: float = 1.0          # participants per round: max(1, round(fraction * clients))
-  client_block: int | None = None       # clients computed at once inside the program (memory bound)
-  precision: str = "fp32"               # fp32 | bf16 (bf16 compute, float32 master weights)
-  devices: int | None = None            # split the clients over this many devices (a mesh)
-
-  def validate(self) -> "Config":
-    """Raises :class:`ConfigError` for a setting that cannot run."""
-    def choice(flag, value, allowed):
-      if value not in allowed:
-        raise ConfigError(flag, f"unknown value {value!r}: choose one of {', '.join(allowed)}")
-    choice("--algorithm", self.algorithm, algorithms.ALGORITHMS)
-    choice("--model", self.model, models.MODELS)
-    choice("--dataset", self.dataset, data.DATASETS)
-    choice("--optimizer", self.optimizer, split.OPTIMIZERS)
-    choice("--strategy", self.strategy, execution.STRATEGIES)
-    choice("--step-loop", self.step_loop, execution.STEP_LOOPS)
-    choice("--partition", self.partition, data.PARTITIONS)
-    choice("--optimizer-state", self.optimizer_state, tuple(algorithms.OPTIMIZER_POLICIES))
-    choice("--sflv2-order", self.sflv2_order, ("paper", "client"))
-    choice("--precision", self.precision, tuple(split.PRECISIONS))
-    if self.norm is not None:
-      choice("--norm", self.norm, ("batch", "group", "none"))
-    for flag, value in (("--clients", self.clients), ("--rounds", self.rounds),
-                        ("--local-epochs", self.local_epochs),
-                        ("--batch-size", self.batch_size),
-                        ("--eval-batch-size", self.eval_batch_size)):
-      if not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ConfigError(flag, f"must be a positive integer, got {value!r}")
-    if not (self.lr > 0 and np.isfinite(self.lr)):
-      raise ConfigError("--lr", f"must be a positive number, got {self.lr!r}")
-    if self.cut is not None and (not isinstance(self.cut, (int, np.integer)) or self.cut <= 0):
-      raise ConfigError("--cut", f"must be a positive integer, got {self.cut!r}")
-    if self.client_block is not None and (
-        not isinstance(self.client_block, (int, np.integer)) or self.client_block <= 0):
-      raise ConfigError("--client-block", f"must be a positive integer, got {self.client_block!r}")
-    if not (isinstance(self.client_fraction, (int, float)) and 0 < self.client_fraction <= 1):
-      raise ConfigError("--client-fraction",
-                        f"must be in (0, 1], got {self.client_fraction!r}")
-    if self.devices is not None and (
-        not isinstance(self.devices, (int, np.integer)) or self.devices <= 0):
-      raise ConfigError("--devices", f"must be a positive integer, got {self.devices!r}")
-    if self.client_fraction < 1 and self.algorithm == "centralized":
-      raise ConfigError("--client-fraction", "centralized training has one client: use 1")
-    return self
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  def client_partition(self, labels: np.ndarray) -> list[np.ndarray]:
-    """The config's partition of ``labels``; a setting that cannot be met
-    raises :class:`ConfigError` naming the flag to change."""
-    try:
-      return data.partition(labels, self.clients, self.partition, seed=self.seed,
-                            alpha=self.alpha, shards_per_client=self.shards_per_client,
-                            classes_per_client=self.classes_per_client,
-                            min_client_size=self.min_client_size)
-    except ValueError as e:  # The message ends with the flag to change, e.g. "(--alpha)".
-      msg = str(e)
-      found = re.search(r"\((--[a-z-]+)\)$", msg)
-      flag = found.group(1) if found else "--partition"
-      raise ConfigError(flag, msg[:found.start()].rstrip() if found else msg) from None
+METRICS: dict[str, str] = {
+    "round": "rounds finished (1 after the first)",
+    "train_loss": "mean training loss over every real sample the participants trained on "
+                  "this round (each sample weighted equally)",
+    "train_accuracy": "training accuracy over the same samples, taken during training",
+    "client_train_loss": "list over all K clients: each client's mean training loss this "
+                         "round (null for clients that did not take part)",
+    "client_train_accuracy": "list over all K clients: each client's training accuracy "
+                             "this round (null for clients that did not take part)",
+    "test_loss": "mean test loss of the global model on the whole test set",
+    "test_accuracy": "accuracy of the global model on the whole test set; when every client "
+                     "keeps its own client part (sflv3) the global model is their n_k-weighted "
+                     "average with the server part",
+    "client_test_accuracy": "mean over clients of the accuracy on the client's own test shard "
+                            "(the test set split iid into K shards): of the global model, or, "
+                            "when clients keep their own client part, of the client's own "
+                            "model (its client part with the server part)",
+    "seconds": "wall-clock seconds of the round's training and evaluation (compilation "
+               "excluded: see compile_seconds in summary.json)",
+    "participants": "clients that took part in the round",
+    "bytes_client_to_server": "bytes sent by all clients in the round (sum of the kinds below "
+                              "that travel upwards)",
+    "bytes_server_to_client": "bytes received by all clients in the round",
+    "bytes_smashed": "smashed data (client head output), client to server",
+    "bytes_smashed_grad": "its cotangent, server to client",
+    "bytes_labels": "labels, client to server (0 in a U-shaped split)",
+    "bytes_model_up": "client-side models (FL: whole models) uploaded to the fed server",
+    "bytes_model_down": "the same, downloaded at the round's start",
+    "bytes_server_out": "U-shaped: the server body's output, server to client",
+    "bytes_server_out_grad": "U-shaped: its cotangent, client to server",
+}
+"""Every key of a round's metrics, and how to read it."""
 
 
 class RunState(NamedTuple):
@@ -131,7 +74,6 @@ class RunState(NamedTuple):
 def environment() -> dict[str, Any]:
   """Package versions, backend and devices, for the record."""
   import flax
-  import optax
   return {"python": platform.python_version(), "jax": jax.__version__,
           "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
           "flax": flax.__version__, "optax": optax.__version__,
@@ -140,58 +82,181 @@ def environment() -> dict[str, Any]:
           "machine": platform.machine(), "processor": platform.processor()}
 
 
-class Experiment:
-  """A configured run: data on the device, a compiled round, evaluation."""
+def make_loss(config: Config) -> split.Loss:
+  """The config's loss function of (logits, labels, mask)."""
+  if config.label_smoothing:
+    return split.label_smoothing_cross_entropy(config.label_smoothing)
+  return split.cross_entropy
 
-  def __init__(self, config: Config, dataset: data.Dataset | None = None,
-               parts: list[np.ndarray] | None = None):
-    """``dataset`` and ``parts`` (one index array per client) override the
-    config's dataset and partition, e.g. for a custom split."""
-    self.config = config = config.validate()
+
+def _api_error(flag: str, message: str) -> ConfigError:
+  return ConfigError(flag, message)
+
+
+class Experiment:
+  """A run: data on the device, the algorithm's compiled round, evaluation.
+
+  Args:
+    config: the run's settings (:class:`sfljax.config.Config`); the names in
+      it build whatever is not given as an object below.
+    dataset: a :class:`sfljax.data.Dataset` instead of ``config.dataset``.
+    parts: one index array per client into ``dataset.x_train`` instead of
+      the config's partition.
+    model: a :class:`sfljax.models.SplitModel` (e.g.
+      ``SplitModel.from_modules``) instead of ``config.model``.
+    algorithm: a name, a :class:`sfljax.sides.Composition` (built with the
+      model, cut, optimizers and loss here), or a ready
+      :class:`sfljax.algorithms.Algorithm` object (used as it is).
+    client_optimizer, server_optimizer: ``optax.GradientTransformation``s
+      instead of the config's optimizer names (FL and centralized use the
+      client optimizer).
+    loss: ``loss(logits, labels, mask) -> scalar`` instead of the config's.
+  """
+
+  def __init__(self, config: Config | None = None, dataset: data.Dataset | None = None,
+               parts: list[np.ndarray] | None = None, *, model: models.SplitModel | None = None,
+               algorithm: Any = None, client_optimizer: optax.GradientTransformation | None = None,
+               server_optimizer: optax.GradientTransformation | None = None,
+               loss: split.Loss | None = None):
+    self.config = config = (Config() if config is None else config).validate()
     if dataset is None:
       try:
         dataset = data.load_dataset(config.dataset, seed=config.seed, data_dir=config.data_dir)
       except ValueError as e:
         raise ConfigError("--data-dir", str(e)) from None
-    self.dataset = dataset
-    ds = self.dataset
+    else:
+      _refuse_bad("dataset", data.check_dataset, dataset)
+    self.dataset = ds = dataset
     if parts is None:
       parts = config.client_partition(ds.y_train)
-    elif len(parts) != config.clients:
-      raise ConfigError("--clients", f"{len(parts)} parts given for {config.clients} clients")
-    maker = data.ClientData.pooled if config.algorithm == "centralized" else data.ClientData.from_partition
-    self.client_data = maker(ds.x_train, ds.y_train, parts)
+    else:
+      parts = _refuse_bad("parts", data.check_parts, parts, len(ds.y_train))
+      if len(parts) != config.clients:
+        raise ConfigError("--clients", f"{len(parts)} parts given for {config.clients} clients "
+                                       "(parts: one index array per client)")
+    self.parts = parts
 
+    if model is None:
+      try:
+        model = models.get_model(config.model, input_shape=ds.input_shape,
+                                 num_classes=ds.num_classes, norm=config.norm,
+                                 dropout=config.dropout)
+      except ValueError as e:
+        raise ConfigError("--norm" if "norm" in str(e) else "--model", str(e)) from None
+    elif tuple(model.input_shape) != tuple(ds.input_shape) or model.num_classes < ds.num_classes:
+      raise ConfigError("--model", f"the model is built for inputs {tuple(model.input_shape)} and "
+                                   f"{model.num_classes} classes, but the dataset has inputs "
+                                   f"{tuple(ds.input_shape)} and {ds.num_classes} classes")
+    self.model = model
+    self.mesh = None
+    self.loss = make_loss(config) if loss is None else loss
+    self.compute_dtype = split.PRECISIONS[config.precision]
+    pooled = (isinstance(algorithm, algorithms.Centralized) or algorithm == "centralized"
+              or (algorithm is None and config.algorithm == "centralized"))
+    maker = data.ClientData.pooled if pooled else data.ClientData.from_partition
+    self.client_data = maker(ds.x_train, ds.y_train, parts)
+    self._steps = data.steps_per_epoch(self.client_data.counts, config.batch_size)
+    self.algorithm = self._algorithm(algorithm, client_optimizer, server_optimizer)
+    self.cuts = getattr(self.algorithm, "cuts", ())
+    self._finish_init()
+
+  @classmethod
+  def from_config(cls, config: Config, **objects) -> "Experiment":
+    """An experiment with everything built from the config's names (objects
+    given as keyword arguments take their place)."""
+    return cls(config, **objects)
+
+  @property
+  def cut(self):
+    """The cut (one int), or the two cuts of a U-shaped split (a tuple); None without a split."""
+    if not self.cuts:
+      return None
+    return self.cuts[0] if len(self.cuts) == 1 else tuple(self.cuts)
+
+  # -- building --------------------------------------------------------------
+  def _algorithm(self, algorithm, client_optimizer, server_optimizer):
+    cfg = self.config
+    if isinstance(algorithm, algorithms.Algorithm) and not isinstance(algorithm,
+                                                                     sides.Composition):
+      return algorithm
+    name = cfg.algorithm if algorithm is None else algorithm
+    if isinstance(name, str) and name not in algorithms.ALGORITHMS:
+      raise ConfigError("--algorithm", f"unknown {name!r}: choose one of "
+                                       f"{', '.join(algorithms.ALGORITHMS)}, or pass a "
+                                       "Composition or an Algorithm object")
+    split_alg = not (isinstance(name, str) and name in ("fl", "centralized"))
+    cuts = ()
+    if split_alg:
+      try:
+        cuts = self.model.resolve_cuts(cfg.cut)
+      except ValueError as e:
+        raise ConfigError("--cut", str(e)) from None
+    self.cuts = cuts
+    self.mesh = self._mesh()
+    self.executor = execution.resolve(cfg.strategy, step_loop=cfg.step_loop,
+                                      block=cfg.client_block, mesh=self.mesh)
+    client_updates = cfg.rounds * cfg.local_epochs * self._steps
+    participants = data.num_participants(self.client_data.num_clients, cfg.client_fraction)
+    shared = False
+    if split_alg:
+      comp = (name if isinstance(name, sides.Composition)
+              else algorithms.composition(name, num_cuts=len(cuts), sflv2_order=cfg.sflv2_order))
+      name = comp = self._override(comp)
+      shared = not comp.server.per_client
+    server_updates = client_updates * (participants if shared else 1)
+
+    def named(which, total):
+      flag = f"--{which}-optimizer"
+      opt_name = getattr(cfg, f"{which}_optimizer") or cfg.optimizer
+      try:
+        return optimizers.make_optimizer(opt_name, cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule,
+                                         total_steps=total)
+      except ValueError as e:
+        raise ConfigError(flag, str(e)) from None
+
+    copt = client_optimizer if client_optimizer is not None else named("client", client_updates)
+    sopt = server_optimizer if server_optimizer is not None else named("server", server_updates)
     try:
-      self.model = models.get_model(config.model, input_shape=ds.input_shape,
-                                    num_classes=ds.num_classes, norm=config.norm)
-    except ValueError as e:
-      raise ConfigError("--norm" if "norm" in str(e) else "--model", str(e)) from None
-    try:
-      cut = config.cut if config.cut is not None else self.model.default_cut
-      (self.cut,) = self.model.check_cut(cut)
+      return algorithms.build(
+          name, self.model, cut=cuts or None, client_optimizer=copt, server_optimizer=sopt,
+          executor=self.executor, policy=algorithms.OPTIMIZER_POLICIES[cfg.optimizer_state],
+          sflv2_order=cfg.sflv2_order,
+          augment=data.augmentation(cfg.dataset) if cfg.augment else None,
+          compute_dtype=self.compute_dtype, loss=self.loss)
+    except sides.CompositionError as e:
+      raise ConfigError("--algorithm", str(e)) from None
     except ValueError as e:
       raise ConfigError("--cut", str(e)) from None
-    self.mesh = self._mesh()
-    self.executor = execution.resolve(config.strategy, step_loop=config.step_loop,
-                                      block=config.client_block, mesh=self.mesh)
-    self.compute_dtype = split.PRECISIONS[config.precision]
-    self.algorithm = algorithms.build(
-        config.algorithm, self.model, cut=self.cut,
-        optimizer=split.make_optimizer(config.optimizer, config.lr),
-        executor=self.executor,
-        policy=algorithms.OPTIMIZER_POLICIES[config.optimizer_state],
-        sflv2_order=config.sflv2_order,
-        augment=data.augmentation(config.dataset) if config.augment else None,
-        compute_dtype=self.compute_dtype)
 
-    cd = self.client_data
+  def _override(self, comp: sides.Composition) -> sides.Composition:
+    """The config's --client-aggregation / --server-side / --schedule choices applied."""
+    cfg = self.config
+    choices = {"client_aggregation": ("aggregation", {"fedavg": sides.FEDAVG,
+                                                      "relay": sides.RELAY, "none": sides.OWN}),
+               "server_side": ("server", {"replicas": sides.REPLICAS, "shared": sides.SHARED}),
+               "schedule": ("schedule", {"synchronous": sides.SYNCHRONOUS,
+                                         "client_major": sides.CLIENT_MAJOR})}
+    changes, last = {}, "algorithm"
+    for field, (attr, table) in choices.items():
+      if getattr(cfg, field) is not None:
+        changes[attr], last = table[getattr(cfg, field)], field
+    if not changes:
+      return comp
+    try:
+      return dataclasses.replace(comp, **changes)
+    except sides.CompositionError as e:
+      raise ConfigError(last, f"{e} (the composition: {cfg.algorithm} with "
+                              f"{', '.join(f'{k}={v.name}' for k, v in changes.items())})") from None
+
+  def _finish_init(self):
+    cfg, cd = self.config, self.client_data
+    if not hasattr(self, "executor"):   # A ready Algorithm object: its own executor.
+      self.executor = getattr(self.algorithm, "executor", execution.resolve("auto"))
     self._x, self._y = self._place_clients(cd.x), self._place_clients(cd.y)
     self._weights = self._place_clients(cd.counts.astype(np.float32))
     self.trace_count = 0  # Tracings of the round's programs (tests: no recompilation).
-
-    self.num_participants = data.num_participants(cd.num_clients, config.client_fraction)
-    self._steps = data.steps_per_epoch(cd.counts, config.batch_size)
+    self.num_participants = data.num_participants(cd.num_clients, cfg.client_fraction)
     alg = self.algorithm
     sh = self._shardings = None
     if self.mesh is not None:  # Pinned layouts: round r + 1 takes round r's outputs as they are.
@@ -213,10 +278,11 @@ class Experiment:
                         "step": counted(alg.step, lambda s: s.carry, donate=(0,)),
                         "end": counted(alg.end, lambda s: (s.state, s.stats))}
     self._eval = jax.jit(self._evaluate_arrays)
+    self._eval_own = jax.jit(self._evaluate_own)
+    self._global = jax.jit(lambda s, w: alg.global_variables(s, w))
     self._prepare_test_set()
-    self._traffic_sizes = self._sizes()
-    self.traffic = self.traffic_for(cd.counts)
     self.compile_seconds: float | None = None
+    self.traffic = self.traffic_for(cd.counts)
 
   # -- pieces ----------------------------------------------------------------
   def _mesh(self):
@@ -246,19 +312,39 @@ class Experiment:
     return jax.tree.map(jnp.asarray, tree) if self.mesh is None else distributed.replicate(
         tree, self.mesh)
 
+  def _batched(self, x, y):
+    """[N, ...] -> [C, eb, ...] chunks of the eval batch size (zero-padded), and a mask."""
+    n, eb = len(y), max(1, min(self.config.eval_batch_size, len(y)))
+    c = -(-n // eb)
+    pad = c * eb - n
+    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+    m = np.arange(c * eb) < n
+    return x.reshape((c, eb) + x.shape[1:]), y.reshape(c, eb), m.reshape(c, eb)
+
   def _prepare_test_set(self):
-    ds, eb = self.dataset, self.config.eval_batch_size
+    ds = self.dataset
     n = len(ds.y_test)
-    eb = min(eb, n)
-    m = -(-n // eb)
-    pad = m * eb - n
-    x = np.concatenate([ds.x_test, np.zeros((pad,) + ds.x_test.shape[1:], ds.x_test.dtype)])
-    y = np.concatenate([ds.y_test, np.zeros((pad,), ds.y_test.dtype)])
-    self._test = self._place((x.reshape((m, eb) + x.shape[1:]), y.reshape(m, eb)))
+    self._test = self._place(self._batched(ds.x_test, ds.y_test)[:2])
     self._n_test = n
-    test_parts = data.partition(ds.y_test, min(self.config.clients, n), "iid",
-                                seed=self.config.seed + 1)
-    self._test_shards = test_parts
+    self._test_shards = data.partition(ds.y_test, min(self.client_data.num_clients, n), "iid",
+                                       seed=self.config.seed + 1)
+    self._own_test = None
+    alg, k = self.algorithm, self.client_data.num_clients
+    own = jax.eval_shape(lambda v: alg.client_variables(alg.init(v, k)),
+                         jax.eval_shape(self.model.init, jax.random.key(0)))
+    if own is not None:
+      # Every client's own test shard, padded to the largest: [K, C, eb, ...].
+      size = max(len(s) for s in self._test_shards)
+      rows = []
+      for s in self._test_shards:
+        xs = np.concatenate([ds.x_test[s], np.zeros((size - len(s),) + ds.x_test.shape[1:],
+                                                    ds.x_test.dtype)])
+        ys = np.concatenate([ds.y_test[s], np.zeros((size - len(s),), ds.y_test.dtype)])
+        xb, yb, mb = self._batched(xs, ys)
+        mb = mb & (np.arange(mb.size).reshape(mb.shape) < len(s))
+        rows.append((xb, yb, mb))
+      self._own_test = tuple(np.stack(a) for a in zip(*rows))
 
   def _evaluate_arrays(self, variables, x, y):
     module = self.model.full()
@@ -272,28 +358,18 @@ class Experiment:
     loss, correct = jax.lax.map(one, (x, y))
     return loss.reshape(-1), correct.reshape(-1)
 
-  def _sizes(self) -> dict[str, int]:
-    """Bytes of the things that travel: whole model, client model, one smashed row, one label."""
-    shapes = jax.eval_shape(self.model.init, jax.random.key(0))
-    client_vars, _ = self.model.split_variables(shapes, (self.cut,))
-    client_mod, _ = self.model.parts((self.cut,))
-    x1 = jax.ShapeDtypeStruct((1,) + self.dataset.input_shape, jnp.float32)
-    smashed = jax.eval_shape(
-        lambda v, x: split.apply_with_state(client_mod, v, x, None, self.compute_dtype)[0],
-        client_vars, x1)
-    return {"model": comm.tree_bytes(shapes), "client_model": comm.tree_bytes(client_vars),
-            "smashed": comm.tree_bytes(smashed),
-            "label": np.dtype(self.client_data.y.dtype).itemsize}
+  def _evaluate_own(self, client_variables, x, y, m):
+    """Every client's own model on its own test shard: correct counts and sizes [K]."""
+    def one(args):
+      v, xs, ys, ms = args
+      _, correct = self._evaluate_arrays(v, xs, ys)
+      return jnp.sum(correct * ms.reshape(-1)), jnp.sum(ms)
+    return jax.lax.map(one, (client_variables, x, y, m))
 
-  def traffic_for(self, counts) -> comm.Traffic:
+  def traffic_for(self, counts):
     """Bytes moved in a round in which clients holding ``counts`` samples take part."""
-    cfg, size = self.config, self._traffic_sizes
-    if cfg.algorithm == "centralized":
-      return comm.Traffic()
-    if cfg.algorithm == "fl":
-      return comm.fl_traffic(len(counts), size["model"])
-    return comm.split_traffic(counts, cfg.local_epochs, size["smashed"], size["label"],
-                              size["client_model"])
+    return self.algorithm.traffic(counts, self.config.local_epochs, self.dataset.input_shape,
+                                  self.client_data.y.dtype)
 
   def participants(self, round_index: int) -> np.ndarray | None:
     """The client ids taking part in a round (None: all of them)."""
@@ -322,9 +398,17 @@ class Experiment:
     orders = self._place((step_orders, client_order, key))
     return algorithms.RoundInputs(self._x, self._y, *per_client, self._weights, *orders)
 
+  @property
+  def steps_per_round(self) -> int:
+    """Events in a round: optimizer steps of each client (synchronous), or of
+    all clients one after another (client-major schedules)."""
+    m, t = self.num_participants, self._steps * self.config.local_epochs
+    sched = getattr(getattr(self.algorithm, "composition", None), "schedule", None)
+    return t if sched is None else sched.num_steps(m, t)
+
   # -- public API ------------------------------------------------------------
   def init(self) -> RunState:
-    """Initial state: one full-model init from the seed, split into halves."""
+    """Initial state: one full-model init from the seed, split into parts."""
     variables = jax.jit(self.model.init)(jax.random.key(self.config.seed))
     if self.mesh is None:
       algo_init = jax.jit(self.algorithm.init, static_argnums=1)
@@ -355,32 +439,99 @@ class Experiment:
       p["begin"].lower(state.algo, inputs).compile()
       p["step"].lower(carry, inputs, np.int32(0)).compile()
       p["end"].lower(carry, inputs).compile()
-    self._eval.lower(self.algorithm.global_variables(state.algo), *self._test).compile()
+    variables = self._global(state.algo, self._weights)
+    self._eval.lower(variables, *self._test).compile()
+    if self._own_test is not None:
+      self._eval_own.lower(self.algorithm.client_variables(state.algo),
+                           *self._own_test).compile()
     self.compile_seconds = time.perf_counter() - t0
     return self.compile_seconds
 
-  def train_round(self, state: RunState) -> tuple[RunState, dict[str, float]]:
-    """One global epoch without evaluation."""
+  def train_round(self, state: RunState) -> tuple[RunState, dict[str, Any]]:
+    """One global epoch without evaluation (compiles first if needed, outside the timing)."""
+    if self.compile_seconds is None:
+      self.compile(state)
+    ids = self.participants(state.round)
     algo, stats = self._run_round(state.algo, self.round_inputs(state.round))
     stats = distributed.fetch(stats)   # Once per round (all processes take part).
     count = max(float(np.sum(stats.count)), 1.0)
+    k = self.client_data.num_clients
+    rows = np.arange(k) if ids is None else ids
+    loss = [None] * k
+    acc = [None] * k
+    for row, c in enumerate(rows):
+      n = float(stats.count[row])
+      if n > 0:
+        loss[int(c)] = float(stats.loss_sum[row]) / n
+        acc[int(c)] = float(stats.correct[row]) / n
     return RunState(algo, state.round + 1), {
         "train_loss": float(np.sum(stats.loss_sum)) / count,
-        "train_accuracy": float(np.sum(stats.correct)) / count}
+        "train_accuracy": float(np.sum(stats.correct)) / count,
+        "client_train_loss": loss, "client_train_accuracy": acc}
 
-  def evaluate(self, state: RunState) -> dict[str, float]:
-    """The round's global model on the full test set and on the clients' test shards."""
-    loss, correct = distributed.fetch(self._eval(self.global_variables(state), *self._test))
+  def evaluate(self, state, x=None, y=None) -> dict[str, float]:
+    """The round's global model on the test set and on the clients' test shards.
+
+    ``evaluate(variables, x, y)``: full-model ``variables`` (e.g.
+    ``exp.global_variables(state)``) on your own arrays; returns
+    ``{"loss", "accuracy"}``.
+    """
+    if x is not None or y is not None:
+      if x is None or y is None:
+        raise ValueError("x, y: give both the inputs and their labels")
+      x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+      if x.shape[1:] != tuple(self.model.input_shape) or len(x) != len(y):
+        raise ValueError(f"x: expected [N, {', '.join(map(str, self.model.input_shape))}] "
+                         f"with N = len(y), got {x.shape} and {len(y)} labels")
+      xb, yb, _ = self._batched(x, y)
+      loss, correct = distributed.fetch(self._eval(state, jnp.asarray(xb), jnp.asarray(yb)))
+      return {"loss": float(np.mean(loss[:len(y)])),
+              "accuracy": float(np.mean(correct[:len(y)]))}
+    variables = self._global(state.algo, self._weights)
+    loss, correct = distributed.fetch(self._eval(variables, *self._test))
     loss, correct = loss[:self._n_test], correct[:self._n_test]
+    if self._own_test is not None:
+      own_correct, own_n = distributed.fetch(self._eval_own(
+          self.algorithm.client_variables(state.algo), *self._own_test))
+      per_client = own_correct / np.maximum(own_n, 1)
+    else:
+      per_client = [np.mean(correct[s]) for s in self._test_shards]
     return {"test_loss": float(np.mean(loss)),
             "test_accuracy": float(np.mean(correct)),
-            "client_test_accuracy": float(np.mean([np.mean(correct[s]) for s in self._test_shards]))}
+            "client_test_accuracy": float(np.mean(per_client))}
 
   def global_variables(self, state: RunState):
-    return self.algorithm.global_variables(state.algo)
+    """The full model to evaluate (see ``test_accuracy`` in :data:`METRICS`)."""
+    return self._global(state.algo, self._weights)
+
+  def client_models(self, state: RunState):
+    """Every client's own full model ([K, ...] leaves) when clients keep their
+    own client part (sflv3), else None: all clients hold the global model."""
+    return self.algorithm.client_variables(state.algo)
+
+  def local_models(self, state: RunState) -> dict[str, Any]:
+    """Runs round ``state.round`` from ``state`` up to, not including, the
+    aggregation, and returns what each participant trained: ``client`` (its
+    client part, [M, ...]; one model for a relayed one), ``server`` (its
+    server replica [M, ...], or the shared server), and ``clients`` (the
+    participants' ids). The same computation as the round itself."""
+    alg, inputs = self.algorithm, self.round_inputs(state.round)
+
+    def working(s, inp):
+      carry = alg.begin(s, inp)
+      return jax.lax.fori_loop(0, alg.num_steps(inp), lambda t, c: alg.step(c, inp, t), carry)
+
+    carry = jax.jit(working)(state.algo, inputs)
+    ids = self.participants(state.round)
+    ids = np.arange(self.client_data.num_clients) if ids is None else ids
+    if hasattr(carry, "models"):  # FL: whole models.
+      return {"client": carry.models, "server": None, "clients": ids}
+    return {"client": carry.client, "server": carry.server, "clients": ids}
 
   def step(self, state: RunState) -> tuple[RunState, dict[str, Any]]:
-    """One round: train, evaluate, and the round's metrics."""
+    """One round: train, evaluate, and the round's metrics (see :data:`METRICS`)."""
+    if self.compile_seconds is None:
+      self.compile(state)
     t0 = time.perf_counter()
     state, metrics = self.train_round(state)
     metrics.update(self.evaluate(state))
@@ -404,6 +555,16 @@ class Experiment:
         callback(metrics)
     self.final_state = state  # The last round's state, for inspection after run().
     return history
+
+
+def _refuse_bad(argument: str, check, *args):
+  """Runs a data check; its ValueError becomes a ConfigError naming the argument."""
+  try:
+    return check(*args)
+  except ValueError as e:
+    msg = str(e)
+    raise ConfigError("--data-dir" if argument == "dataset" else "--partition",
+                      msg if msg.startswith(argument) else f"{argument}: {msg}") from None
 
 
 def run(config: Config, **kwargs) -> list[dict[str, Any]]:

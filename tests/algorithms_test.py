@@ -110,7 +110,7 @@ def test_sflv1_one_sgd_step_replica_average_equals_step_on_averaged_gradient():
                           variables["params"], mean_grad)
   state = _train(exp, 1)
   _, server = exp.model.split_variables({"params": expected}, (exp.cut,))
-  assert_trees_close(state.algo["server"]["params"], server["params"], atol=1e-6)
+  assert_trees_close(state.algo.server["params"], server["params"], atol=1e-6)
   assert_trees_close(exp.global_variables(state)["params"], expected, atol=1e-6)
 
 
@@ -182,12 +182,12 @@ def test_reference_optimizer_policy_differs_and_resets_server_state():
   per = _experiment(ds, algorithm="sflv2", clients=2)
   s_ref, s_per = _train(ref, 1), _train(per, 1)
   count = lambda opt_state: int(np.asarray(opt_state[0].count))
-  assert count(s_ref.algo["server_opt"]) == 1
-  assert count(s_per.algo["server_opt"]) == 2 * steps
+  assert count(s_ref.algo.server_opt) == 1
+  assert count(s_per.algo.server_opt) == 2 * steps
   # Client states: persistent keeps counting across rounds, reference restarts.
   s_ref2, s_per2 = _train(ref, 2), _train(per, 2)
-  assert np.all(np.asarray(s_per2.algo["client_opt"][0].count) == 2 * steps)
-  assert np.all(np.asarray(s_ref2.algo["client_opt"][0].count) == steps)
+  assert np.all(np.asarray(s_per2.algo.client_opt[0].count) == 2 * steps)
+  assert np.all(np.asarray(s_ref2.algo.client_opt[0].count) == steps)
 
 
 def test_same_seed_identical_metrics_and_different_seed_differs():

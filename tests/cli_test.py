@@ -49,7 +49,7 @@ def test_one_client_split_algorithms_log_identical_metrics(tmp_path):
 
 
 BAD = [
-    (["--algorithm", "sflv3"], "--algorithm"),
+    (["--algorithm", "sflv4"], "--algorithm"),
     (["--model", "vgg19"], "--model"),
     (["--dataset", "imagenet"], "--dataset"),
     (["--optimizer", "lamb"], "--optimizer"),

@@ -41,3 +41,82 @@ def test_metrics_report_the_counts():
   assert m["bytes_client_to_server"] == p * Q + p * F32 + 3 * CLIENT_PARAMS * F32
   assert m["bytes_server_to_client"] == p * Q + 3 * CLIENT_PARAMS * F32
   assert m["bytes_smashed"] == p * Q
+
+
+def _measured_bytes(algorithm, cut, rounds_inputs=0):
+  """Runs one round with spies on the exchange and returns the bytes of the arrays that
+  actually crossed, per kind: per-sample row sizes from the arrays the server received
+  and sent, times the real samples in the round's masks."""
+  import dataclasses
+
+  import jax
+  import numpy as np
+
+  from conftest import small_digits
+  from sfljax import algorithms, sides
+
+  rows = {}
+
+  def record(kind, array):
+    rows[kind] = array.size * array.dtype.itemsize // array.shape[0]   # bytes of one sample
+
+  two = sides.SERVER_LABELS
+  u = sides.CLIENT_LABELS
+
+  def server_step(module, variables, smashed, labels, mask, *args):
+    record("smashed", smashed)
+    record("labels", labels)
+    out = two.server_step(module, variables, smashed, labels, mask, *args)
+    record("smashed_grad", out[1])
+    return out
+
+  def server_forward(module, variables, smashed, mask, *args):
+    record("smashed", smashed)
+    out = u.server_forward(module, variables, smashed, mask, *args)
+    record("server_out", out[0])
+    return out
+
+  def server_backward(vjp_fn, d_out):
+    record("server_out_grad", d_out)
+    out = u.server_backward(vjp_fn, d_out)
+    record("smashed_grad", out[1])
+    return out
+
+  labels = (dataclasses.replace(u, server_forward=server_forward, server_backward=server_backward)
+            if "," in cut else dataclasses.replace(two, server_step=server_step))
+  comp = algorithms.COMPOSITIONS[algorithm].with_labels(labels)
+  ds = small_digits(45, 10)
+  parts = [np.arange(0, 20), np.arange(20, 33), np.arange(33, 45)]
+  exp = Experiment(Config(algorithm=algorithm, cut=cut, clients=3, batch_size=8, rounds=1),
+                   dataset=ds, parts=parts, algorithm=comp)
+  state = exp.init()
+  samples = int(np.asarray(exp.round_inputs(0).mask).sum())
+  _, metrics = exp.step(state)
+  client_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.algo.client))
+  return metrics, {k: v * samples for k, v in rows.items()}, client_bytes, samples
+
+
+@pytest.mark.parametrize("algorithm,cut", [("sflv2", "2"), ("sflv1", "1,4"), ("sl", "conv2,fc2")])
+def test_traffic_equals_the_bytes_of_the_arrays_exchanged(algorithm, cut):
+  metrics, measured, client_bytes, samples = _measured_bytes(algorithm, cut)
+  assert samples == 45
+  for kind in ("smashed", "smashed_grad", "labels", "server_out", "server_out_grad"):
+    assert metrics[f"bytes_{kind}"] == measured.get(kind, 0), kind
+  assert metrics["bytes_model_up"] == metrics["bytes_model_down"] == 3 * client_bytes
+  if "," in cut:   # U-shaped: labels never travel; the body's output and its gradient do.
+    assert metrics["bytes_labels"] == 0 and metrics["bytes_server_out"] > 0
+
+
+def test_u_shaped_traffic_matches_the_formula_by_hand():
+  """LeNet cut 1,4: head conv1 (6x14x14 after pool) up, fc2's 84 outputs down; the
+  client model is conv1 + fc3. Per client (2p/K)(q1 + q2) + 2|W^C|."""
+  k = 5
+  exp = Experiment(Config(algorithm="sflv1", cut="1,4", clients=k))
+  p = len(exp.dataset.y_train)
+  q1, q2 = 6 * 14 * 14 * F32, 84 * F32
+  w_client = ((5 * 5 * 1 * 6 + 6) + (84 * 10 + 10)) * F32
+  t = exp.traffic
+  assert (t.smashed, t.smashed_grad, t.server_out, t.server_out_grad, t.labels) == (
+      p * q1, p * q1, p * q2, p * q2, 0)
+  assert t.client_to_server + t.server_to_client == pytest.approx(
+      k * (2 * (p / k) * (q1 + q2) + 2 * w_client))

@@ -1,5 +1,7 @@
 """Datasets, partitions and batch schedules."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -66,3 +68,137 @@ def test_client_data_padding_and_batch_schedule():
   np.testing.assert_array_equal(again[0], idx)
   other = data.batch_schedule(cd.counts, 3, seed=0, round_index=1, local_epochs=2)
   assert not np.array_equal(other[0], idx)
+
+
+# ---------------------------------------------------------------------------
+# check_dataset / check_parts: data that cannot train is refused
+# ---------------------------------------------------------------------------
+
+
+def _tiny_dataset(**changes) -> data.Dataset:
+  """A valid 3-class dataset of 6 + 4 random 4x4x1 images, with ``changes`` applied."""
+  rs = np.random.RandomState(0)
+  fields = dict(name="tiny", x_train=rs.standard_normal((6, 4, 4, 1)).astype(np.float32),
+                y_train=np.array([0, 1, 2, 0, 1, 2], np.int32),
+                x_test=rs.standard_normal((4, 4, 4, 1)).astype(np.float32),
+                y_test=np.array([2, 1, 0, 0], np.int32), num_classes=3)
+  fields.update(changes)
+  return data.Dataset(**fields)
+
+
+def test_check_dataset_accepts_valid_data(digits):
+  assert data.check_dataset(digits) is digits
+  tiny = _tiny_dataset(y_train=np.array([0, 1, 2, 0, 1, 2], np.uint8))  # any integer dtype
+  assert data.check_dataset(tiny) is tiny
+
+
+def _nan_at(x, i):
+  x = x.copy()
+  x[i, 1, 2, 0] = np.nan
+  return x
+
+
+_DATASET_ERRORS = [
+    ("label_too_large", dict(y_train=np.array([0, 3, 1, 3, 3, 2], np.int32)),
+     r"dataset\.y_train: label 3 is outside \[0, 3\) for 3 samples; relabel to "
+     r"0\.\.num_classes-1 or raise num_classes$"),
+    ("label_negative_in_test", dict(y_test=np.array([2, -1, 0, 0], np.int32)),
+     r"dataset\.y_test: label -1 is outside \[0, 3\) for 1 sample;"),
+    ("labels_one_based", dict(y_train=np.array([1, 2, 3, 1, 2, 3], np.int64)),
+     r"dataset\.y_train: label 3 is outside \[0, 3\) for 2 samples;"),
+    ("several_bad_labels", dict(y_train=np.array([7, 9, 9, 0, -2, 1], np.int32)),
+     r"dataset\.y_train: label 9 is outside \[0, 3\) for 2 samples \(4 samples in all carry "
+     r"3 out-of-range labels from -2 to 9\);"),
+    ("float_labels", dict(y_train=np.array([0, 1, 2, 0, 1, 2], np.float32)),
+     r"dataset\.y_train: labels have dtype float32, not an integer dtype;"),
+    ("bool_labels", dict(y_test=np.array([True, False, True, True])),
+     r"dataset\.y_test: labels have dtype bool, not an integer dtype;"),
+    ("onehot_labels", dict(y_train=np.eye(3, dtype=np.int32)[[0, 1, 2, 0, 1, 2]]),
+     r"dataset\.y_train: labels must be a 1-D array \[N\] of class ids, got shape \(6, 3\);"),
+    ("more_labels_than_images", dict(y_train=np.array([0, 1, 2, 0, 1, 2, 0], np.int32)),
+     r"dataset\.y_train: 7 labels for 6 images in dataset\.x_train; give exactly one label"),
+    ("fewer_labels_than_images", dict(y_test=np.array([0, 1, 2], np.int32)),
+     r"dataset\.y_test: 3 labels for 4 images in dataset\.x_test;"),
+    ("test_shape_differs", dict(x_test=np.zeros((4, 4, 4, 3), np.float32)),
+     r"dataset\.x_test: test images have shape \(H, W, C\) = \(4, 4, 3\) but train images "
+     r"\(4, 4, 1\); resize both splits"),
+    ("nan_image", dict(x_train=_nan_at(_tiny_dataset().x_train, 4)),
+     r"dataset\.x_train: NaN or inf values in 1 image \(first: sample 4\); drop or repair"),
+    ("inf_image", dict(x_test=np.full((4, 4, 4, 1), np.inf, np.float32)),
+     r"dataset\.x_test: NaN or inf values in 4 images \(first: sample 0\);"),
+    ("empty_train", dict(x_train=np.zeros((0, 4, 4, 1), np.float32),
+                         y_train=np.zeros((0,), np.int32)),
+     r"dataset\.x_train: the train set is empty;"),
+    ("empty_test", dict(x_test=np.zeros((0, 4, 4, 1), np.float32),
+                        y_test=np.zeros((0,), np.int32)),
+     r"dataset\.x_test: the test set is empty;"),
+    ("one_class", dict(num_classes=1, y_train=np.zeros(6, np.int32),
+                       y_test=np.zeros(4, np.int32)),
+     r"dataset\.num_classes: 1 is fewer than 2;"),
+    ("float_num_classes", dict(num_classes=3.0),
+     r"dataset\.num_classes: 3\.0 is not an integer;"),
+    ("no_channel_axis", dict(x_train=np.zeros((6, 4, 4), np.float32)),
+     r"dataset\.x_train: images must be rank-4 NHWC \[N, H, W, C\] with nonzero H, W, C, "
+     r"got shape \(6, 4, 4\) \(add a channel axis"),
+    ("flat_test_images", dict(x_test=np.zeros((4, 16), np.float32)),
+     r"dataset\.x_test: images must be rank-4 NHWC"),
+]
+
+
+@pytest.mark.parametrize("changes,message", [c[1:] for c in _DATASET_ERRORS],
+                         ids=[c[0] for c in _DATASET_ERRORS])
+def test_check_dataset_refuses(changes, message):
+  with pytest.raises(ValueError, match=message) as info:
+    data.check_dataset(_tiny_dataset(**changes))
+  assert "\n" not in str(info.value)
+
+
+def test_check_dataset_refuses_bad_digits_labels(digits):
+  # The silent-NaN case: a real dataset with some labels past num_classes.
+  y = digits.y_train.copy()
+  y[[3, 50, 700]] = 12
+  with pytest.raises(ValueError, match=r"^dataset\.y_train: label 12 is outside \[0, 10\) "
+                     r"for 3 samples; relabel to 0\.\.num_classes-1 or raise num_classes$"):
+    data.check_dataset(dataclasses.replace(digits, y_train=y))
+
+
+def test_check_parts_accepts_valid_partitions():
+  parts = data.partition(np.zeros(50), 4, seed=1)
+  out = data.check_parts(parts, 50)
+  assert len(out) == 4 and all(p.dtype == np.int64 and p.ndim == 1 for p in out)
+  for a, b in zip(out, parts):
+    np.testing.assert_array_equal(a, b)
+  # Lists, small integer dtypes and samples left to no client are fine.
+  out = data.check_parts([[4, 0], np.array([2], np.uint8)], 5)
+  assert [p.tolist() for p in out] == [[4, 0], [2]] and out[1].dtype == np.int64
+
+
+_PARTS_ERRORS = [
+    ("index_too_large", [np.arange(0, 5), np.array([5, 10, 11])],
+     r"parts: client 1 has index 10 outside \[0, 10\) \(2 such indices\);"),
+    ("negative_index", [np.array([0, -1]), np.arange(2, 10)],
+     r"parts: client 0 has index -1 outside \[0, 10\) \(1 such index\);"),
+    ("shared_index", [np.arange(0, 4), np.arange(4, 7), np.array([9, 6, 5])],
+     r"parts: sample 5 is in both client 1 and client 2 \(2 shared samples in all\); "
+     r"assign every sample to one client only$"),
+    ("duplicate_in_part", [np.array([0, 3, 1, 3]), np.arange(4, 10)],
+     r"parts: client 0 lists sample 3 more than once \(1 repeated sample\);"),
+    ("empty_part", [np.arange(10), np.array([], np.int64), np.array([])],
+     r"parts: client 1 has no samples; give every client at least one sample"),
+    ("float_part", [np.arange(5), np.arange(5, 10, dtype=np.float64)],
+     r"parts: client 1's indices have dtype float64, not an integer dtype;"),
+    ("bool_mask", [np.arange(10) < 5],
+     r"parts: client 0's indices have dtype bool, not an integer dtype \(a boolean mask\? "
+     r"use np\.flatnonzero\(mask\)\)"),
+    ("2d_part", [np.arange(10).reshape(2, 5)],
+     r"parts: client 0's part has shape \(2, 5\); each part must be a 1-D array"),
+    ("no_clients", [], r"parts: no clients;"),
+]
+
+
+@pytest.mark.parametrize("parts,message", [c[1:] for c in _PARTS_ERRORS],
+                         ids=[c[0] for c in _PARTS_ERRORS])
+def test_check_parts_refuses(parts, message):
+  with pytest.raises(ValueError, match="^" + message) as info:
+    data.check_parts(parts, 10)
+  assert "\n" not in str(info.value)

@@ -2,6 +2,7 @@
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -412,3 +413,124 @@ def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient():
     g = jax.random.normal(jax.random.key(1), ref.shape)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     np.testing.assert_array_equal(np.asarray(got_vjp(g)[0]), np.asarray(ref_vjp(g)[0]))
+
+
+# ---------------------------------------------------------------------------
+# 6. Classifier dropout (get_model(..., dropout=rate)).
+# ---------------------------------------------------------------------------
+
+
+def _no_rng_blocks_fail(model, shape):
+  """Names of the blocks whose train-mode apply fails without a dropout key
+  (shape-only traces: cheap)."""
+  variables = jax.eval_shape(model.init, jax.random.key(0))
+  x = jax.ShapeDtypeStruct((2,) + shape, jnp.float32)
+  failing = []
+  for k, (part, pv) in enumerate(zip(model.parts(tuple(range(1, model.num_blocks))),
+                                     model.split_variables(variables,
+                                                           tuple(range(1, model.num_blocks))))):
+    try:
+      jax.eval_shape(lambda v, a, part=part: apply_part(part, v, a, train=True), pv, x)
+    except ValueError as e:
+      assert "pass rng=" in str(e)
+      failing.append(part.names[0])
+    x = jax.eval_shape(lambda v, a, k, part=part: apply_part(
+        part, v, a, train=True, rng=jax.random.key(k)), pv, x, k)[0]
+  return failing
+
+
+@pytest.mark.parametrize("name,shape", [("lenet", (28, 28, 1)), ("resnet18", (32, 32, 3))],
+                         ids=str)
+def test_dropout_zero_is_the_model_without_dropout(name, shape):
+  """Rate 0 builds the same variables and the very same computation (equal
+  jaxprs, hence bit-identical outputs) as no ``dropout`` argument, with no
+  random numbers drawn in train mode; rate > 0 in eval mode is that same
+  computation too.  (Traces only: compiling ResNet18 is slow on CPU.)"""
+  plain = get_model(name, input_shape=shape)
+  zero = get_model(name, input_shape=shape, dropout=0.0)
+  some = get_model(name, input_shape=shape, dropout=0.3)
+  assert (plain.dropout, zero.dropout, some.dropout) == (0.0, 0.0, 0.3)
+  assert not plain.needs_rng and not zero.needs_rng and some.needs_rng
+  trees = [jax.eval_shape(m.init, jax.random.key(0)) for m in (plain, zero, some)]
+  assert trees[0] == trees[1] == trees[2]  # dropout has no variables
+  variables = trees[0]
+  x = jax.ShapeDtypeStruct((2,) + shape, jnp.float32)
+  mask = jax.ShapeDtypeStruct((2,), jnp.float32)
+
+  def jaxpr(model, train, rng=None):
+    return str(jax.make_jaxpr(lambda v, a, m: apply_part(
+        model.full(), v, a, train=train, mask=m, rng=rng))(variables, x, mask))
+
+  for train in (False, True):
+    assert jaxpr(zero, train) == jaxpr(plain, train)
+  assert jaxpr(some, False) == jaxpr(plain, False)
+  # Rate 0: no random numbers in train mode, even when a key is given.
+  train_jaxpr = jaxpr(zero, True, rng=jax.random.key(0))
+  assert train_jaxpr == jaxpr(plain, True)
+  assert "random" not in train_jaxpr and "threefry" not in train_jaxpr
+  assert "random_bits" in jaxpr(some, True, rng=jax.random.key(0))
+  assert _no_rng_blocks_fail(zero, shape) == []
+
+
+@pytest.mark.parametrize("name,shape,blocks", [
+    ("lenet", (28, 28, 1), ["fc1", "fc2"]),
+    ("alexnet", (32, 32, 3), ["fc1", "fc2"]),
+    ("vgg16", (32, 32, 3), ["fc1", "fc2"]),
+    ("resnet18", (32, 32, 3), ["head"]),
+], ids=str)
+def test_dropout_placement(name, shape, blocks):
+  assert _no_rng_blocks_fail(get_model(name, input_shape=shape, dropout=0.5), shape) == blocks
+
+
+class _DropoutAt(nn.Module):
+  """nn.Dropout(rate) at the path ``block/dropout``, applied directly."""
+  block: str
+  rate: float
+
+  @nn.compact
+  def __call__(self, h):
+    class Block(nn.Module):
+      rate: float
+
+      @nn.compact
+      def __call__(self, h):
+        return nn.Dropout(self.rate, name="dropout")(h, deterministic=False)
+
+    return Block(self.rate, name=self.block)(h)
+
+
+def test_dropout_by_hand():
+  """LeNet's fc1 = dropout(relu(dense(flatten(x)))); ResNet18's head =
+  dense(dropout(mean(x))), with nn.Dropout's mask for the same key."""
+  rate, key = 0.5, jax.random.key(11)
+  rs = np.random.RandomState(2)
+  lenet = get_model("lenet", dropout=rate)
+  fc1 = lenet.parts((2, 3))[1]
+  p = {"dense": {"kernel": jnp.asarray(rs.standard_normal((400, 120)) / 20, jnp.float32),
+                 "bias": jnp.asarray(rs.standard_normal(120) * 0.1, jnp.float32)}}
+  x = jnp.asarray(rs.standard_normal((3, 5, 5, 16)), jnp.float32)
+  y, _ = apply_part(fc1, {"params": {"fc1": p}}, x, train=True, rng=key)
+  h = np.maximum(np.asarray(x).reshape(3, -1) @ p["dense"]["kernel"] + p["dense"]["bias"], 0)
+  ref = _DropoutAt("fc1", rate).apply({}, jnp.asarray(h), rngs={"dropout": key})
+  np.testing.assert_allclose(y, ref, **TOL)
+  assert 0 < np.mean((np.asarray(y) == 0) & (h > 0)) < 0.5
+
+  resnet = get_model("resnet18", input_shape=(32, 32, 3), num_classes=4, dropout=rate)
+  head = resnet.parts(resnet.num_blocks - 1)[1]
+  p = {"fc": {"kernel": jnp.asarray(rs.standard_normal((512, 4)) / 20, jnp.float32),
+              "bias": jnp.asarray(rs.standard_normal(4), jnp.float32)}}
+  x = jnp.asarray(rs.standard_normal((3, 2, 2, 512)), jnp.float32)
+  y, _ = apply_part(head, {"params": {"head": p}}, x, train=True, rng=key)
+  pooled = _DropoutAt("head", rate).apply({}, jnp.mean(x, axis=(1, 2)), rngs={"dropout": key})
+  np.testing.assert_allclose(y, pooled @ p["fc"]["kernel"] + p["fc"]["bias"], **TOL)
+  y_eval, _ = apply_part(head, {"params": {"head": p}}, x, train=False, rng=key)
+  np.testing.assert_allclose(y_eval, jnp.mean(x, axis=(1, 2)) @ p["fc"]["kernel"]
+                             + p["fc"]["bias"], **TOL)
+  assert not np.allclose(y, y_eval)
+
+
+def test_dropout_rate_errors():
+  for bad in (-0.1, 1.0, True, "0.5"):
+    with pytest.raises(ValueError, match="dropout must be a rate in") as e:
+      get_model("lenet", dropout=bad)
+    assert "\n" not in str(e.value)

@@ -1,0 +1,366 @@
+"""The four orthogonal choices a split algorithm is composed of.
+
+Each choice is a small frozen object with one contract; a
+:class:`Composition` of one of each is a split algorithm
+(:class:`sfljax.algorithms.SplitFed` runs it). A researcher can write another
+implementation of any one contract and compose it with the others without
+touching library code.
+
+* **Client aggregation** -- how client parts are kept between rounds:
+  :data:`FEDAVG` (one global client model; every participant starts the
+  round from it; the fed server averages the participants' models, weights
+  n_k/n), :data:`RELAY` (one client model handed from client to client:
+  vanilla SL), :data:`OWN` (no aggregation: every client keeps its own,
+  SFLV3).
+* **Server side** -- how the server part runs: :data:`REPLICAS` (one copy per
+  participant, each starting the round from the global server model,
+  averaged n_k/n at the round's end; one optimizer state per client) or
+  :data:`SHARED` (one model, updated after every single client's batch, in
+  the order the schedule gives).
+* **Schedule** -- the order of a round's work: :data:`SYNCHRONOUS` (at every
+  step all participants compute their smashed data together; a shared server
+  takes them one at a time in a fresh random order per step: the SFLV2 paper
+  text) or :data:`CLIENT_MAJOR` (clients take turns in a random order per
+  round, each running its whole local epoch before the next: vanilla SL and
+  the official SFLV2 code).
+* **Labels** -- where the labels (and the loss) live: :data:`SERVER_LABELS`
+  (two-part split: client head, server rest) or :data:`CLIENT_LABELS`
+  (U-shaped split: client head, server body, client tail; the server never
+  sees labels or the loss). See :mod:`sfljax.split` for the exchanges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from sfljax import fedavg, split
+from sfljax.models import subset
+from sfljax.split import merge_parts
+
+
+class CompositionError(ValueError):
+  """A composition of sides that cannot run."""
+
+
+# -- client aggregation ------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ClientAggregation:
+  """How client parts are kept between rounds and combined at a round's end.
+
+  ``per_client``: the state keeps one client model per client ([K, ...]).
+  ``handoff``: the round works on one client model handed between clients.
+  ``begin(client, m)`` turns the stored client model(s) (already the
+  participants' rows when ``per_client``) into the round's working model(s);
+  ``end(working, weights)`` turns them back into what is stored.
+  """
+  name: str = "custom"
+  per_client: bool = False
+  handoff: bool = False
+
+  def begin(self, client, num_participants: int):
+    raise NotImplementedError
+
+  def end(self, working, weights):
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class FedAvgClients(ClientAggregation):
+  """Participants start from the global client model; FedAvg (n_k/n) at the end."""
+  name: str = "fedavg"
+
+  def begin(self, client, num_participants):
+    return fedavg.broadcast(client, num_participants)
+
+  def end(self, working, weights):
+    return fedavg.weighted_average(working, weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayClients(ClientAggregation):
+  """One client model handed from client to client (vanilla SL)."""
+  name: str = "relay"
+  handoff: bool = True
+
+  def begin(self, client, num_participants):
+    return client
+
+  def end(self, working, weights):
+    return working
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnClients(ClientAggregation):
+  """No aggregation: every client keeps its own client model (SFLV3)."""
+  name: str = "none"
+  per_client: bool = True
+
+  def begin(self, client, num_participants):
+    return client
+
+  def end(self, working, weights):
+    return working
+
+
+FEDAVG = FedAvgClients()
+RELAY = RelayClients()
+OWN = OwnClients()
+
+
+# -- server side -------------------------------------------------------------
+
+Turn = Callable[[Any, Any, Any], tuple[Any, Any, Any]]
+"""``turn(server_vars, server_opt, payload) -> (server_vars, server_opt, out)``:
+the server's work for one client's batch (see :mod:`sfljax.algorithms`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSide:
+  """How the server part runs for a group of clients.
+
+  ``per_client``: one server model and optimizer state per participant in a
+  round (the optimizer states persist per client).
+  ``run(turn, sv, so, payload, order, executor)`` applies ``turn`` to every
+  client of the group (``payload`` leaves lead with the group) and returns
+  the new server variables, optimizer state and the stacked outputs in
+  group order.
+  """
+  name: str = "custom"
+  per_client: bool = False
+
+  def init_opt(self, opt_state, num_clients: int):
+    return fedavg.broadcast(opt_state, num_clients) if self.per_client else opt_state
+
+  def begin(self, server, num_participants: int):
+    raise NotImplementedError
+
+  def end(self, working, weights):
+    raise NotImplementedError
+
+  def run(self, turn: Turn, sv, so, payload, order, executor):
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerReplicas(ServerSide):
+  """One server replica per participant, averaged (n_k/n) at the round's end."""
+  name: str = "replicas"
+  per_client: bool = True
+
+  def begin(self, server, num_participants):
+    return fedavg.broadcast(server, num_participants)
+
+  def end(self, working, weights):
+    return fedavg.weighted_average(working, weights)
+
+  def run(self, turn, sv, so, payload, order, executor):
+    del order  # Replicas are independent: every client at once.
+    return executor.map(turn, sv, so, payload)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedServer(ServerSide):
+  """One server model, updated after each client's batch, clients in ``order``."""
+  name: str = "shared"
+
+  def begin(self, server, num_participants):
+    return server
+
+  def end(self, working, weights):
+    return working
+
+  def run(self, turn, sv, so, payload, order, executor):
+    def body(carry, k):
+      sv, so, outs = carry
+      sv, so, out = turn(sv, so, fedavg.index(payload, k))
+      outs = jax.tree.map(lambda a, v: a.at[k].set(v), outs, out)
+      return (sv, so, outs), None
+
+    num = order.shape[0]
+    first = jax.eval_shape(turn, sv, so, fedavg.index(payload, 0))[2]
+    outs = jax.tree.map(lambda s: jnp.zeros((num,) + s.shape, s.dtype), first)
+    (sv, so, outs), _ = jax.lax.scan(body, (sv, so, outs), order,
+                                     unroll=num if num <= executor.unroll_up_to else 1)
+    return sv, so, outs
+
+
+REPLICAS = ServerReplicas()
+SHARED = SharedServer()
+
+
+# -- schedule ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """The order of a round's work.
+
+  ``num_steps(m, t)``: events in a round for m participants with t steps
+  each. ``event(inp, t)``: which participants (rows, [G]), which of their
+  steps, and the shared server's order over the group ([G]) at event ``t``;
+  ``group_size(m)`` is G (a static number).
+  """
+  name: str = "custom"
+
+  def num_steps(self, num_participants: int, steps: int) -> int:
+    raise NotImplementedError
+
+  def group_size(self, num_participants: int) -> int:
+    raise NotImplementedError
+
+  def event(self, inp, t):
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Synchronous(Schedule):
+  """Every participant's step t at event t; a shared server's order from ``inp.step_orders``."""
+  name: str = "synchronous"
+
+  def num_steps(self, num_participants, steps):
+    return steps
+
+  def group_size(self, num_participants):
+    return num_participants
+
+  def event(self, inp, t):
+    return None, t, inp.step_orders[t]   # None: all participants, in row order
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientMajor(Schedule):
+  """Clients in ``inp.client_order``, each running all its steps before the next."""
+  name: str = "client_major"
+
+  def num_steps(self, num_participants, steps):
+    return num_participants * steps
+
+  def group_size(self, num_participants):
+    return 1
+
+  def event(self, inp, t):
+    steps = inp.idx.shape[1]
+    k = inp.client_order[t // steps]
+    return k[None], t % steps, jnp.zeros((1,), jnp.int32)
+
+
+SYNCHRONOUS = Synchronous()
+CLIENT_MAJOR = ClientMajor()
+
+
+# -- where the labels live ---------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+  """A group's per-client PRNG keys for one step (None: the model needs none)."""
+  client: Any = None
+  server: Any = None
+  tail: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLabels:
+  """Two-part split: the client sends smashed data and labels; the server
+  computes the loss and returns the smashed-data cotangent."""
+  name: str = "server"
+  num_cuts: int = 1
+  server_step: Callable[..., Any] = split.server_forward_backward
+
+  def exchange(self, alg, parts, cvars, svars, sopt, x, y, m, keys: Keys, order):
+    """One forward/backward of a group: ``(client grads, client vars after the
+    forward, server vars, server opt, stats)``."""
+    head, server_mod = parts
+    dtype, active = alg.compute_dtype, jnp.any(m, axis=-1)
+    smashed, cvars_fwd, backward = split.clients_forward(alg.executor, head, cvars, x, m, dtype,
+                                                         keys.client)
+
+    def turn(sv, so, p):
+      a, yb, mb, act, key = p
+      grads, d_a, sv_new, stats = self.server_step(server_mod, sv, a, yb, mb, dtype, alg.loss, key)
+      sv, so = alg.server_update(sv, so, sv_new, grads, act)
+      return sv, so, (d_a, stats)
+
+    svars, sopt, (d_smashed, stats) = alg.composition.server.run(
+        turn, svars, sopt, (smashed, y, m, active, keys.server), order, alg.executor)
+    return backward(d_smashed), cvars_fwd, svars, sopt, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientLabels:
+  """U-shaped split: labels and loss stay on the client.
+
+  Per client batch: head forward (client) -> ``server_forward`` (body, no
+  labels) -> ``client_tail`` (tail, loss, backward; sends the body output's
+  cotangent) -> ``server_backward`` (body gradients and the smashed-data
+  cotangent) -> head backward (client). The server's two functions take no
+  labels and return no loss.
+  """
+  name: str = "client"
+  num_cuts: int = 2
+  server_forward: Callable[..., Any] = split.server_body_forward
+  server_backward: Callable[..., Any] = split.server_body_backward
+  client_tail: Callable[..., Any] = split.client_tail_forward_backward
+
+  def exchange(self, alg, parts, cvars, svars, sopt, x, y, m, keys: Keys, order):
+    head, body, tail = parts
+    dtype, active = alg.compute_dtype, jnp.any(m, axis=-1)
+    head_vars, tail_vars = subset(cvars, head.names), subset(cvars, tail.names)
+    smashed, head_fwd, head_backward = split.clients_forward(alg.executor, head, head_vars, x, m,
+                                                             dtype, keys.client)
+
+    def turn(sv, so, p):
+      a, tv, yb, mb, act, skey, tkey = p
+      out, vjp_fn, sv_fwd = self.server_forward(body, sv, a, mb, dtype, skey)
+      tgrads, d_out, tv_new, stats = self.client_tail(tail, tv, out, yb, mb, dtype, alg.loss, tkey)
+      grads, d_a = self.server_backward(vjp_fn, d_out)
+      sv, so = alg.server_update(sv, so, sv_fwd, grads, act)
+      return sv, so, (d_a, tgrads, split._state(tv_new), stats)
+
+    svars, sopt, (d_smashed, tail_grads, tail_state, stats) = alg.composition.server.run(
+        turn, svars, sopt, (smashed, tail_vars, y, m, active, keys.server, keys.tail), order,
+        alg.executor)
+    grads = merge_parts(head_backward(d_smashed), tail_grads)
+    cvars_fwd = merge_parts(head_fwd, {**tail_state, "params": tail_vars["params"]})
+    return grads, cvars_fwd, svars, sopt, stats
+
+
+SERVER_LABELS = ServerLabels()
+CLIENT_LABELS = ClientLabels()
+
+
+# -- a composition -----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Composition:
+  """One choice of each side; :meth:`check` refuses combinations that cannot run."""
+  aggregation: ClientAggregation = FEDAVG
+  server: ServerSide = REPLICAS
+  schedule: Schedule = SYNCHRONOUS
+  labels: Any = SERVER_LABELS
+
+  def __post_init__(self):
+    self.check()
+
+  def check(self) -> None:
+    a, s, sch = self.aggregation, self.server, self.schedule
+    if a.handoff and s.per_client:
+      raise CompositionError(
+          f"client aggregation {a.name!r} hands one client model from client to client, which "
+          f"cannot feed per-client server {s.name!r}: use a shared server")
+    if a.handoff and sch.name == "synchronous":
+      raise CompositionError(f"client aggregation {a.name!r} hands one model between clients "
+                             "in turn: use the client_major schedule")
+    if s.per_client and sch.name == "client_major":
+      raise CompositionError(f"server {s.name!r} keeps one replica per client, which runs "
+                             "synchronously: use the synchronous schedule")
+
+  def with_labels(self, labels) -> "Composition":
+    return dataclasses.replace(self, labels=labels)
+
+  def describe(self) -> dict[str, str]:
+    return {"client_aggregation": self.aggregation.name, "server": self.server.name,
+            "schedule": self.schedule.name, "labels": self.labels.name}

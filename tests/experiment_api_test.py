@@ -1,0 +1,124 @@
+"""What a researcher reaches for on an Experiment, checked against hand counts."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from conftest import small_digits
+from sfljax.config import Config, ConfigError
+from sfljax.train import METRICS, Experiment
+
+
+def _exp(algorithm="sflv1", clients=3, **kw):
+  ds = small_digits(48, 24)
+  parts = [np.arange(16 * k, 16 * (k + 1)) for k in range(clients)]
+  kw.setdefault("batch_size", 8)
+  return Experiment(Config(algorithm=algorithm, clients=clients, rounds=2, **kw), dataset=ds,
+                    parts=parts)
+
+
+def _counts(opt_state):
+  flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
+  return {int(np.asarray(v).ravel()[0]) for p, v in flat if "count" in jax.tree_util.keystr(p)}
+
+
+@pytest.mark.parametrize("algorithm,server_updates", [("sflv1", 2), ("sflv2", 6), ("sl", 6)])
+def test_schedules_count_updates_per_side(algorithm, server_updates):
+  """3 clients x 16 samples, batch 8: each client takes 2 steps per round; a
+  replica takes its client's 2, a shared server all 6."""
+  exp = _exp(algorithm, lr_schedule="cosine")
+  assert exp.steps_per_round == (2 if algorithm != "sl" else 6)
+  state, _ = exp.train_round(exp.init())
+  assert _counts(state.algo.client_opt) == {2}
+  assert _counts(state.algo.server_opt) == {server_updates}
+
+
+def test_per_client_metrics_and_documented_keys():
+  exp = _exp("sflv2")
+  state, m = exp.step(exp.init())
+  assert set(m) <= set(METRICS) and set(METRICS) <= set(m)
+  assert len(m["client_train_loss"]) == 3
+  # The round's loss is the sample-weighted mean of the clients' (16 samples each).
+  assert m["train_loss"] == pytest.approx(np.mean(m["client_train_loss"]), rel=1e-6)
+  part = _exp("sflv1", client_fraction=0.34)
+  _, m = part.step(part.init())
+  assert sum(v is not None for v in m["client_train_loss"]) == 1
+
+
+def test_evaluate_on_own_arrays_matches_a_direct_apply():
+  exp = _exp()
+  state, _ = exp.train_round(exp.init())
+  v = exp.global_variables(state)
+  x, y = exp.dataset.x_test[:10], exp.dataset.y_test[:10]
+  logits = exp.model.full().apply(v, x, train=False)
+  got = exp.evaluate(v, x, y)
+  assert got["accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == y)))
+  assert got["loss"] == pytest.approx(float(np.mean(
+      optax.softmax_cross_entropy_with_integer_labels(logits, y))), rel=1e-5)
+
+
+def test_sflv3_client_models_and_their_test_accuracy():
+  """Each client's own model = its own client part + the averaged server; its
+  client_test_accuracy is that model on the client's own test shard."""
+  exp = _exp("sflv3")
+  state, m = exp.step(exp.init())
+  models = exp.client_models(state)
+  acc = []
+  for k, shard in enumerate(exp._test_shards):
+    v = jax.tree.map(lambda a: a[k], models)
+    logits = exp.model.full().apply(v, exp.dataset.x_test[shard], train=False)
+    acc.append(np.mean(np.argmax(logits, -1) == exp.dataset.y_test[shard]))
+  assert m["client_test_accuracy"] == pytest.approx(float(np.mean(acc)))
+  # The clients' own client parts differ (no aggregation); the server part is one model.
+  c = jax.tree.leaves(state.algo.client)[0]
+  assert not np.allclose(c[0], c[1])
+  assert _exp("sflv1").client_models(exp.init()) is None
+
+
+def test_local_models_are_the_pre_aggregation_models():
+  """FedAvg (weights 16 each) of the local client parts = the next state's client part."""
+  exp = _exp("sflv1")
+  state = exp.init()
+  local = exp.local_models(state)
+  new, _ = exp.train_round(state)
+  avg = jax.tree.map(lambda a: np.mean(np.asarray(a, np.float64), axis=0), local["client"])
+  for a, b in zip(jax.tree.leaves(avg), jax.tree.leaves(new.algo.client)):
+    np.testing.assert_allclose(a, np.asarray(b), atol=1e-6)
+
+
+def test_compilation_is_kept_out_of_the_first_rounds_seconds():
+  exp = _exp()
+  state, m = exp.step(exp.init())
+  assert exp.compile_seconds is not None and exp.compile_seconds > m["seconds"]
+
+
+def test_dropout_keys_per_client_and_step():
+  """Two clients with the same data and init but their own dropout keys train to
+  different models; the same seed repeats bit for bit."""
+  ds = small_digits(16, 8)
+  ds = dataclasses.replace(ds, x_train=np.concatenate([ds.x_train, ds.x_train]),
+                           y_train=np.concatenate([ds.y_train, ds.y_train]))
+  parts = [np.arange(16), np.arange(16, 32)]   # the same 16 images on both clients
+  cfg = Config(algorithm="sflv3", clients=2, batch_size=8, dropout=0.5, rounds=1)
+  runs = []
+  for _ in range(2):
+    exp = Experiment(cfg, dataset=ds, parts=parts)
+    runs.append(exp.train_round(exp.init())[0])
+  c = jax.tree.leaves(runs[0].algo.client)[0]
+  assert not np.allclose(c[0], c[1])
+  for a, b in zip(jax.tree.leaves(runs[0].algo), jax.tree.leaves(runs[1].algo)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_datasets_and_parts_are_refused_naming_the_argument():
+  ds = small_digits(48, 24)
+  bad = ds.__class__(**{**ds.__dict__, "y_train": ds.y_train + 10})
+  with pytest.raises(ConfigError, match="dataset.y_train"):
+    Experiment(Config(clients=1), dataset=bad, parts=[np.arange(48)])
+  with pytest.raises(ConfigError, match="parts: "):
+    Experiment(Config(clients=2), dataset=ds, parts=[np.arange(30), np.arange(20, 48)])
+  with pytest.raises(ConfigError, match=r"^cut \(--cut\): "):
+    Experiment(Config(cut="conv9"), dataset=ds)
