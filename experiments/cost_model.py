@@ -120,7 +120,8 @@ def main(argv=None):
   checks = []
   for k in args.clients:
     for alg in ("fl", "sl", "sflv1", "sflv2"):
-      counted = Experiment(Config(algorithm=alg, model=args.model, cut=cut, dataset=args.dataset,
+      counted = Experiment(Config(algorithm=alg, model=args.model,
+                                  cut=None if alg == "fl" else cut, dataset=args.dataset,
                                   clients=k, batch_size=args.batch_size),
                            dataset=ds).traffic
       total = counted.smashed + counted.smashed_grad + counted.model_up + counted.model_down

@@ -6,7 +6,8 @@
 #    references, unequal clients, participation/blocks/bf16, strategy equivalence),
 # 3. runs the throughput benchmark with vmap vs sequential clients, fp32 and bf16,
 #    LeNet at 5/100/1000 clients and ResNet18 64x64 at 5/20/100 clients,
-# 4. writes everything (with nvidia-smi's description of the card) to OUT_DIR.
+# 4. trains U-shaped SFLV1 (cut 1,4: labels on the clients) with 100 vmapped clients,
+# 5. writes everything (with nvidia-smi's description of the card) to OUT_DIR.
 # Sized to finish in about 8 minutes on one H100; each part has its own time limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,4 +41,10 @@ timeout 100 python3 experiments/benchmark.py --models lenet --clients 100 1000 \
 timeout 150 python3 experiments/benchmark.py --models resnet18 --clients 5 20 100 \
   --algorithms sflv1 fl --strategy vmap --repeats 3 --budget 20 \
   --out "$OUT/benchmark_gpu_resnet18_vmap.json"
+echo "== U-shaped SFLV1, vmap, 100 clients (digits, LeNet cut 1,4)"
+timeout 120 python3 -m sfljax train --algorithm sflv1 --cut 1,4 --clients 100 --strategy vmap \
+  --rounds 5 --quiet --overwrite --out "$OUT/u_sflv1_vmap_100" \
+  && python3 -c "import json, sys; m = [json.loads(l) for l in open(sys.argv[1])]; \
+print('s/round', [round(r['seconds'], 3) for r in m], 'acc', m[-1]['test_accuracy'])" \
+  "$OUT/u_sflv1_vmap_100/metrics.jsonl" | tee "$OUT/u_sflv1_vmap_100.txt"
 date

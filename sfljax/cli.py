@@ -214,7 +214,11 @@ def _train(args) -> int:
               "block_names": list(exp.model.block_names),
               "input_shape": list(exp.dataset.input_shape),
               "train_samples": int(len(exp.dataset.y_train)),
-              "test_samples": int(len(exp.dataset.y_test))}
+              "test_samples": int(len(exp.dataset.y_test)),
+              "steps_per_round": int(exp.steps_per_round)}
+  comp = getattr(exp.algorithm, "composition", None)
+  if comp is not None:
+    resolved["composition"] = comp.describe()
   _write_json(os.path.join(out, "config.json"),
               {"config": cfg.to_dict(), "resolved": resolved, "environment": environment()})
   if not args.quiet:

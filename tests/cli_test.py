@@ -68,6 +68,18 @@ BAD = [
     (["--algorithm", "centralized", "--client-fraction", "0.5"], "--client-fraction"),
     (["--client-block", "0"], "--client-block"),
     (["--precision", "fp8"], "--precision"),
+    (["--cut", "3,2"], "--cut"),
+    (["--cut", "1,9"], "--cut"),
+    (["--cut", "conv9"], "--cut"),
+    (["--cut", "fc3"], "--cut"),
+    (["--algorithm", "fl", "--cut", "2"], "--cut"),
+    (["--client-aggregation", "relay"], "--client-aggregation"),
+    (["--algorithm", "sl", "--schedule", "synchronous"], "--schedule"),
+    (["--algorithm", "sflv2", "--server-side", "replicas", "--schedule", "client_major"],
+     "--schedule"),
+    (["--momentum", "0.9"], "--momentum"),
+    (["--lr-schedule", "linear"], "--lr-schedule"),
+    (["--label-smoothing", "1"], "--label-smoothing"),
 ]
 
 

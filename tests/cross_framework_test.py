@@ -61,7 +61,10 @@ ADAM_EPS = 1e-3
 # Tolerance: both sides compute in float32 and differ only in rounding
 # (summation order inside convolutions and matmuls, softmax, the Adam
 # formula's operation order, FedAvg's weighted sum), ~1e-7 relative per
-# operation; over 2 rounds x 7 steps of size ~lr = 1e-3 the weights stay
+# operation (one systematic one: optax evaluates Adam's bias correction
+# 1 - 0.999**t in float32, so its first step after a reset is 6.6e-6
+# relative shorter than PyTorch's, ~7e-9 per step here); over 2 rounds x 7
+# steps of size ~lr = 1e-3 the weights stay
 # within ~2e-7 (measured), 1e-5 leaves a margin of 40. A semantic
 # difference -- an optimizer reset missing or extra, another client order,
 # other FedAvg weights, another starting model -- moves weights by a good
