@@ -448,9 +448,7 @@ class Experiment:
     return self.compile_seconds
 
   def train_round(self, state: RunState) -> tuple[RunState, dict[str, Any]]:
-    """One global epoch without evaluation (compiles first if needed, outside the timing)."""
-    if self.compile_seconds is None:
-      self.compile(state)
+    """One global epoch without evaluation (its program compiles on the first call)."""
     ids = self.participants(state.round)
     algo, stats = self._run_round(state.algo, self.round_inputs(state.round))
     stats = distributed.fetch(stats)   # Once per round (all processes take part).

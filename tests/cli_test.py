@@ -88,8 +88,8 @@ def test_bad_input_one_line_exit_2(flags, flag, capsys):
   assert main(["train", "--quiet"] + flags) == 2
   err = capsys.readouterr().err.strip()
   assert "\n" not in err and flag in err and "Traceback" not in err
-  if flag == "--cut":
-    assert "valid cuts are" in err
+  if flag == "--cut" and "," not in flags[-1] and "fl" not in flags:
+    assert "valid cuts are" in err   # Resolved against the model (syntax errors say more briefly)
   if flag in ("--algorithm", "--model", "--optimizer", "--strategy"):
     assert "choose from" in err
 

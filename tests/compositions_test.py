@@ -10,6 +10,7 @@ must reproduce it to float32 rounding.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ def _parts_of(model, variables, cuts):
   return client, parts[1]
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _whole_grad(model, client, server, x, y):
   module = model.full()
 

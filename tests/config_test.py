@@ -77,7 +77,8 @@ def test_every_flag_parses_to_the_constructed_config():
           "--classes-per-client", "4", "--min-client-size", "5", "--seed", "11",
           "--no-augment", "--strategy", "sequential", "--step-loop", "python",
           "--eval-batch-size", "64", "--client-fraction", "0.5", "--client-block", "2",
-          "--precision", "bf16", "--devices", "1", "--out", "/tmp/x", "--quiet"]
+          "--precision", "bf16", "--devices", "1", "--client-aggregation", "none",
+          "--server-side", "shared", "--schedule", "client_major", "--out", "/tmp/x", "--quiet"]
   want = Config(algorithm="sflv2", model="alexnet", cut="conv1,fc2", norm="group", dropout=0.25,
                 dataset="mnist", data_dir="/d", clients=7, rounds=3, local_epochs=2,
                 batch_size=16, optimizer="sgd", client_optimizer="adamw",
@@ -87,7 +88,8 @@ def test_every_flag_parses_to_the_constructed_config():
                 alpha=0.3, shards_per_client=3, classes_per_client=4, min_client_size=5,
                 seed=11, augment=False, strategy="sequential", step_loop="python",
                 eval_batch_size=64, client_fraction=0.5, client_block=2, precision="bf16",
-                devices=1)
+                devices=1, client_aggregation="none", server_side="shared",
+                schedule="client_major")
   assert _parse(argv) == want
   default = Config()
   untouched = [f.name for f in dataclasses.fields(Config) if f.metadata.get("cli", True)
@@ -191,7 +193,8 @@ def test_validation_names_field_and_flag(kwargs, field, needle):
     Config(**kwargs).validate()
   e = info.value
   assert e.field == field and e.flag == config.flag(field)
-  assert str(e).startswith(f"{e.flag}: ") and needle in str(e)
+  assert str(e).startswith(f"{field} ({e.flag}): ") and needle in str(e)
+  assert e.cli_message == f"{e.flag}: {e.message}"
   assert e.api_message == f"{field}: {e.message}"
 
 
@@ -220,12 +223,13 @@ def test_from_dict_unknown_key():
 def test_config_error_both_spellings():
   a, b = ConfigError("--lr", "bad"), ConfigError("lr", "bad")
   for e in (a, b):
-    assert (str(e), e.flag, e.field, e.api_message) == ("--lr: bad", "--lr", "lr", "lr: bad")
+    assert (str(e), e.flag, e.field, e.api_message, e.cli_message) == (
+        "lr (--lr): bad", "--lr", "lr", "lr: bad", "--lr: bad")
   e = ConfigError("--coordinator-address", "unreachable")     # CLI-only: no field
   assert e.field is None and e.api_message == str(e)
   assert ConfigError("--no-augment", "x").field == "augment"
   c = pickle.loads(pickle.dumps(a))
-  assert type(c) is ConfigError and (str(c), c.field) == ("--lr: bad", "lr")
+  assert type(c) is ConfigError and (str(c), c.field) == ("lr (--lr): bad", "lr")
   assert isinstance(a, ValueError)
 
 

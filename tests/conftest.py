@@ -1,6 +1,8 @@
 """Shared test fixtures: small real datasets and an independent reference trainer."""
 
 import dataclasses
+import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,13 @@ import optax
 import pytest
 
 from sfljax import data
+
+# Many tests build the same small experiments (same shapes, so the same programs): XLA's
+# persistent compilation cache, keyed by the compiled program itself, lets the later ones
+# reuse a compilation instead of repeating it. Nothing is shared between programs that differ.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "SFLJAX_TEST_COMPILATION_CACHE", tempfile.mkdtemp(prefix="sfljax-xla-cache-")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @pytest.fixture(scope="session")
