@@ -25,6 +25,16 @@ def digits():
   return data.load_digits(0)
 
 
+@pytest.fixture
+def torch_one_thread():
+  """PyTorch on one thread for the test (its tests compare numbers, not speed)."""
+  torch = pytest.importorskip("torch")
+  old = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(old)
+
+
 def small_digits(n_train: int = 48, n_test: int = 24) -> data.Dataset:
   """A slice of the real digits (28x28) so each test compiles and runs fast."""
   ds = data.load_digits(0)

@@ -79,12 +79,7 @@ ALGORITHMS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-  old = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # -- weight conversion ---------------------------------------------------------

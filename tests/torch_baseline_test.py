@@ -22,12 +22,7 @@ import torch_baseline as tb  # noqa: E402
 SCRIPT = os.path.join(ROOT, "experiments", "torch_baseline.py")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-  old = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _batches_of(run, k):
