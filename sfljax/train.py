@@ -89,10 +89,6 @@ def make_loss(config: Config) -> split.Loss:
   return split.cross_entropy
 
 
-def _api_error(flag: str, message: str) -> ConfigError:
-  return ConfigError(flag, message)
-
-
 class Experiment:
   """A run: data on the device, the algorithm's compiled round, evaluation.
 
@@ -280,6 +276,7 @@ class Experiment:
     self._eval = jax.jit(self._evaluate_arrays)
     self._eval_own = jax.jit(self._evaluate_own)
     self._global = jax.jit(lambda s, w: alg.global_variables(s, w))
+    self._local = None   # local_models' program, built when first asked for
     self._prepare_test_set()
     self.compile_seconds: float | None = None
     self.traffic = self.traffic_for(cd.counts)
@@ -514,12 +511,12 @@ class Experiment:
     server replica [M, ...], or the shared server), and ``clients`` (the
     participants' ids). The same computation as the round itself."""
     alg, inputs = self.algorithm, self.round_inputs(state.round)
-
-    def working(s, inp):
-      carry = alg.begin(s, inp)
-      return jax.lax.fori_loop(0, alg.num_steps(inp), lambda t, c: alg.step(c, inp, t), carry)
-
-    carry = jax.jit(working)(state.algo, inputs)
+    if self._local is None:  # Compiled on the first call only (the round's shapes never change).
+      def working(s, inp):
+        carry = alg.begin(s, inp)
+        return jax.lax.fori_loop(0, alg.num_steps(inp), lambda t, c: alg.step(c, inp, t), carry)
+      self._local = jax.jit(working)
+    carry = self._local(state.algo, inputs)
     ids = self.participants(state.round)
     ids = np.arange(self.client_data.num_clients) if ids is None else ids
     if hasattr(carry, "models"):  # FL: whole models.

@@ -116,12 +116,21 @@ CASES = [  # (algorithm, sflv2_order, cut)
 ]
 
 
-@pytest.mark.parametrize("algorithm,order,cut", CASES)
-def test_composition_equals_hand_sequenced_whole_model_sgd(algorithm, order, cut):
+OVERRIDES = [  # Compositions no name covers, built from the CLI's side overrides.
+    ("sflv3", "paper", "1,4", {"server_side": "shared", "schedule": "client_major"}),
+    ("sflv1", "paper", None, {"client_aggregation": "none", "server_side": "shared"}),
+]
+
+
+@pytest.mark.parametrize("algorithm,order,cut,sides_", [c + ({},) for c in CASES] + OVERRIDES)
+def test_composition_equals_hand_sequenced_whole_model_sgd(algorithm, order, cut, sides_):
   ds, parts = _dataset_and_parts()
   exp = Experiment(Config(algorithm=algorithm, sflv2_order=order, cut=cut, clients=3,
-                          batch_size=8, optimizer="sgd", lr=LR, rounds=2),
+                          batch_size=8, optimizer="sgd", lr=LR, rounds=2, **sides_),
                    dataset=ds, parts=parts)
+  for field, choice in sides_.items():
+    side = {"client_aggregation": "aggregation", "server_side": "server"}.get(field, field)
+    assert getattr(exp.algorithm.composition, side).name == choice
   comp, cuts = exp.algorithm.composition, exp.algorithm.cuts
   assert (comp.labels.name == "client") == (cut is not None)
   variables = exp.model.init(jax.random.key(exp.config.seed))

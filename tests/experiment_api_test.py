@@ -87,6 +87,9 @@ def test_local_models_are_the_pre_aggregation_models():
   avg = jax.tree.map(lambda a: np.mean(np.asarray(a, np.float64), axis=0), local["client"])
   for a, b in zip(jax.tree.leaves(avg), jax.tree.leaves(new.algo.client)):
     np.testing.assert_allclose(a, np.asarray(b), atol=1e-6)
+  program = exp._local
+  exp.local_models(new)
+  assert exp._local is program and program._cache_size() == 1   # asked again: no recompilation
 
 
 def test_compilation_is_kept_out_of_the_first_rounds_seconds():
