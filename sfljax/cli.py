@@ -114,8 +114,11 @@ def _config(args):
 def _load(cfg):
   """The config's dataset, with loading problems as one-line usage errors."""
   from sfljax import data
+  from sfljax.config import ConfigError
   try:
     return data.load_dataset(cfg.dataset, seed=cfg.seed, data_dir=cfg.data_dir)
+  except ConfigError as e:
+    raise UsageError(e.cli_message) from None
   except ValueError as e:
     raise UsageError(f"--data-dir: {e}") from None
 

@@ -191,6 +191,19 @@ class Config:
   devices: int | None = _opt(
       None, "split the clients over this many devices (clients must divide evenly); unset = "
       "one device, or all devices of a multi-process run")
+  dropout_rate: float = _opt(
+      0.0, "client faults: the probability that a participant fails in a round (seeded per "
+      "round); the round completes with the clients that reported, FedAvg re-weighted over "
+      "them", metavar="P")
+  dropout_point: str = _opt(
+      "after_forward", "where a failing client stops: after_forward (mid-round: after the "
+      "forward pass of a seeded step; the server keeps what it learned from the batches it "
+      "received) or before_upload (trains the whole round, its model never reaches the fed "
+      "server)", choices=("after_forward", "before_upload"))
+  on_nonfinite: str = _opt(
+      "stop", "a NaN/Inf in a loss, gradient or parameter: stop (end the run with one line, "
+      "exit 3, the last good checkpoint kept) or skip (drop that client's update for the "
+      "round, logged as nonfinite_clients)", choices=("stop", "skip"))
 
   def __post_init__(self):
     object.__setattr__(self, "cut", _normalize_cut(self.cut))
@@ -244,6 +257,8 @@ class Config:
       raise ConfigError("weight_decay", f"must be a number >= 0, got {self.weight_decay!r}")
     if not isinstance(self.alpha, numbers.Real) or isinstance(self.alpha, (bool, np.bool_)):
       raise ConfigError("alpha", f"must be a number, got {self.alpha!r}")
+    if not (_is_real(self.dropout_rate) and 0 <= self.dropout_rate <= 1):
+      raise ConfigError("dropout_rate", f"must be in [0, 1], got {self.dropout_rate!r}")
     if not (_is_real(self.client_fraction) and 0 < self.client_fraction <= 1):
       raise ConfigError("client_fraction", f"must be in (0, 1], got {self.client_fraction!r}")
     if self.momentum:
