@@ -4,22 +4,74 @@ centralized) in JAX/Flax.
 The curated public surface; the modules behind it are importable too.
 """
 
-from sfljax.algorithms import (ALGORITHMS, COMPOSITIONS, PERSISTENT, REFERENCE, Algorithm,
-                               Centralized, FedAvg, OptimizerPolicy, RoundInputs, SplitFed,
-                               build, composition)
-from sfljax.comm import Traffic
-from sfljax.config import Config, ConfigError
-from sfljax.data import ClientData, Dataset, batch_schedule, load_dataset, partition
-from sfljax.execution import ClientExecutor
-from sfljax.fedavg import weighted_average
-from sfljax.models import MODELS, SplitModel, apply_part, get_model
-from sfljax.optimizers import make_optimizer
-from sfljax.sides import (CLIENT_LABELS, CLIENT_MAJOR, FEDAVG, OWN, RELAY, REPLICAS,
-                          SERVER_LABELS, SHARED, SYNCHRONOUS, Composition, CompositionError)
-from sfljax.split import (clients_forward, cross_entropy, label_smoothing_cross_entropy,
-                          server_forward_backward)
-from sfljax.state import FLState, SplitState, per_client_mask
-from sfljax.train import METRICS, Experiment, RunState, run
+_EXPORTS: dict[str, str] = {
+    "ALGORITHMS": "algorithms",
+    "Algorithm": "algorithms",
+    "CLIENT_LABELS": "sides",
+    "CLIENT_MAJOR": "sides",
+    "COMPOSITIONS": "algorithms",
+    "Centralized": "algorithms",
+    "ClientData": "data",
+    "ClientExecutor": "execution",
+    "Composition": "sides",
+    "CompositionError": "sides",
+    "Config": "config",
+    "ConfigError": "config",
+    "Dataset": "data",
+    "Experiment": "train",
+    "FEDAVG": "sides",
+    "FLState": "state",
+    "FedAvg": "algorithms",
+    "METRICS": "train",
+    "MODELS": "models",
+    "OWN": "sides",
+    "OptimizerPolicy": "algorithms",
+    "PERSISTENT": "algorithms",
+    "REFERENCE": "algorithms",
+    "RELAY": "sides",
+    "REPLICAS": "sides",
+    "RoundInputs": "algorithms",
+    "RunState": "train",
+    "SERVER_LABELS": "sides",
+    "SHARED": "sides",
+    "SYNCHRONOUS": "sides",
+    "SplitFed": "algorithms",
+    "SplitModel": "models",
+    "SplitState": "state",
+    "Traffic": "comm",
+    "apply_part": "models",
+    "batch_schedule": "data",
+    "build": "algorithms",
+    "clients_forward": "split",
+    "composition": "algorithms",
+    "cross_entropy": "split",
+    "get_model": "models",
+    "label_smoothing_cross_entropy": "split",
+    "load_dataset": "data",
+    "make_optimizer": "optimizers",
+    "partition": "data",
+    "per_client_mask": "state",
+    "run": "train",
+    "server_forward_backward": "split",
+    "weighted_average": "fedavg",
+}
+"""Public name -> the module defining it (imported on first use, so that
+``import sfljax`` and the CLI start fast and Ctrl-C at start-up is clean)."""
+
+
+def __getattr__(name: str):
+  module = _EXPORTS.get(name)
+  if module is None:
+    raise AttributeError(f"module 'sfljax' has no attribute {name!r}")
+  import importlib
+  value = getattr(importlib.import_module(f"sfljax.{module}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.2.0"
 

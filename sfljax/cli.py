@@ -1,21 +1,23 @@
-"""Command line: ``sfljax train ...`` (also ``python -m sfljax train ...``).
+"""Command line: ``sfljax train|partition|plot|summary ...`` (also ``python -m sfljax``).
 
 Thin by design: it parses flags into a :class:`sfljax.config.Config` (the
 flags of ``train`` and ``partition`` are made from the Config's fields, see
 :func:`sfljax.config.options`; only the flags that do not change the numbers
-are written here), checks the output directory, runs
-:class:`sfljax.train.Experiment` and writes ``config.json``, ``metrics.jsonl``
-(one line per finished round) and ``summary.json``. Bad input ends with one
-line on stderr and exit code 2.
+are written here), claims the output directory (:mod:`sfljax.rundir`), runs
+:class:`sfljax.train.Experiment` round by round and writes ``config.json``,
+``metrics.jsonl`` (one line per finished round), TensorBoard scalars,
+checkpoints (:mod:`sfljax.checkpoint`) and ``summary.json``.
+
+Exit codes: 0 done; 2 bad input (one line on stderr, nothing written or
+changed); 3 stopped on a NaN/Inf (``--on-nonfinite stop``); 130 Ctrl-C and
+143 SIGTERM (the finished rounds kept and checkpointed, ``--resume`` goes on).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -38,10 +40,11 @@ PARTITION_FIELDS: tuple[str, ...] = ("dataset", "data_dir", "clients", "partitio
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="sfljax", description="SplitFed learning in JAX")
+  p = _Parser(prog="sfljax", description="SplitFed learning in JAX", allow_abbrev=False)
   sub = p.add_subparsers(dest="command", parser_class=_Parser)
   sub.required = True
-  t = sub.add_parser("train", help="train one configuration and log per-round metrics")
+  t = sub.add_parser("train", help="train one configuration and log per-round metrics",
+                     allow_abbrev=False)
   _config_options(t)
   t.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                  help="multi-host: process 0's address (same on every host)")
@@ -52,9 +55,22 @@ def _parser() -> argparse.ArgumentParser:
                       "(Cloud TPU, SLURM, Open MPI)")
   t.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
   t.add_argument("--overwrite", action="store_true",
-                 help="replace an existing run directory given by --out")
-  t.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-  q = sub.add_parser("partition", help="show (and plot) how the training set splits among clients")
+                 help="replace the sfljax run in --out (moved aside until the new run has "
+                      "finished a round, then deleted)")
+  t.add_argument("--resume", default=None, metavar="DIR",
+                 help="continue the run in DIR from its last checkpoint, with its stored "
+                      "settings (only --quiet, --checkpoint-every, --keep-checkpoints may be "
+                      "given with it)")
+  t.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
+                 help="save a checkpoint every N rounds, and always after the last round and "
+                      "on Ctrl-C/SIGTERM (0: only then) (default: 10)")
+  t.add_argument("--keep-checkpoints", type=int, default=2, metavar="K",
+                 help="keep the newest K checkpoints (default: 2)")
+  t.add_argument("--quiet", action="store_true", help="no progress line or summary")
+  from sfljax import report
+  report.add_commands(sub, _Parser)
+  q = sub.add_parser("partition", help="show (and plot) how the training set splits among clients",
+                     allow_abbrev=False)
   _config_options(q, PARTITION_FIELDS)
   q.add_argument("--plot", default=None, metavar="PNG",
                  help="write the per-client label chart here")
@@ -123,66 +139,37 @@ def _load(cfg):
     raise UsageError(f"--data-dir: {e}") from None
 
 
-def _check_out(out: str | None, overwrite: bool) -> str:
-  """Picks and checks the output directory (creates nothing); never loses a run."""
-  if out is None:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = os.path.join("runs", stamp)
-    n = 1
-    while os.path.exists(out):
-      n += 1
-      out = os.path.join("runs", f"{stamp}-{n}")
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise UsageError(f"--out: {out} exists and is not a directory; choose another path")
-  if os.path.isdir(out) and os.listdir(out):
-    if not overwrite:
-      raise UsageError(f"--out: {out} is not empty; choose another directory or pass --overwrite")
-    if not os.path.exists(os.path.join(out, "config.json")):
-      raise UsageError(f"--out: {out} holds files but no config.json, so it is not an sfljax "
-                       "run; refusing to replace it, choose another directory")
-  parent = os.path.dirname(os.path.abspath(out))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-    raise UsageError(f"--out: cannot write to {out}: {parent} is not a writable directory")
-  return out
-
-
-def _create_out(out: str) -> None:
-  try:
-    os.makedirs(out, exist_ok=True)
-    for name in ("config.json", "metrics.jsonl", "summary.json"):  # Only with --overwrite.
-      if os.path.exists(os.path.join(out, name)):
-        os.remove(os.path.join(out, name))
-  except OSError as e:
-    raise UsageError(f"--out: cannot write to {out}: {e.strerror or e}") from None
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 class _Progress:
-  """A one-line progress bar on a terminal; silent otherwise."""
+  """One progress line on a terminal (round, losses, s/round, time left); silent
+  under ``--quiet`` and when stderr is not a terminal (no control characters in logs)."""
 
-  def __init__(self, total: int, enabled: bool):
-    self.total, self.enabled, self.t0 = total, enabled, time.perf_counter()
+  def __init__(self, total: int, first: int, enabled: bool):
+    self.total, self.first, self.enabled = total, first, enabled
+    self.t0 = time.perf_counter()
 
   def update(self, m) -> None:
     if not self.enabled:
       return
     done = m["round"]
-    width = 30
-    bar = "#" * (width * done // self.total) + "-" * (width - width * done // self.total)
-    sys.stderr.write(f"\rround {done}/{self.total} [{bar}] loss {m['train_loss']:.4f} "
-                     f"test acc {m['test_accuracy']:.4f} ({time.perf_counter() - self.t0:.0f}s)")
+    per = (time.perf_counter() - self.t0) / max(done - self.first, 1)
+    left = per * (self.total - done)
+    sys.stderr.write(f"\rround {done}/{self.total}  loss {m['train_loss']:.4f}  "
+                     f"test acc {m['test_accuracy']:.4f}  {per:.2f} s/round  "
+                     f"{_duration(left)} left   ")
     if done == self.total:
       sys.stderr.write("\n")
     sys.stderr.flush()
+
+  def end(self) -> None:
+    if self.enabled:
+      sys.stderr.write("\n")
+      sys.stderr.flush()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rest = divmod(seconds, 3600)
+  return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def _initialize(args) -> bool:
@@ -197,68 +184,244 @@ def _initialize(args) -> bool:
   return distributed.is_main_process()
 
 
-def _train(args) -> int:
-  from sfljax.config import ConfigError
-  from sfljax.train import Experiment, environment
-  cfg = _config(args)
+RESUME_FLAGS = ("--quiet", "--checkpoint-every", "--keep-checkpoints", "--resume")
+"""The flags ``--resume`` takes: they change no number of the run."""
+
+
+def _resume_config(args, argv):
+  """The Config stored in the run being resumed; flags that would change it are refused."""
+  from sfljax.config import Config, ConfigError
+  from sfljax import rundir
+  flags = [a.option_strings[0] for a in _parser()._subparsers._group_actions[0]
+           .choices["train"]._actions if a.option_strings]
+  given = [f for f in rundir.given_flags(argv, flags) if f not in RESUME_FLAGS + ("--help",)]
+  if given:
+    raise UsageError(f"{given[0]}: cannot be given with --resume (the run continues with the "
+                     f"settings in {os.path.join(args.resume, 'config.json')}); drop it")
+  run = rundir.RunDir.resume(args.resume)
+  path = run.file("config.json")
   try:
-    cfg.validate()
-    writer = _initialize(args)
-    out = _check_out(args.out, args.overwrite) if writer else None
-    exp = Experiment(cfg, dataset=_load(cfg))
+    with open(path) as f:
+      stored = json.load(f)
+    cfg = Config.from_dict(stored["config"]).validate()
   except ConfigError as e:
+    run.release()
+    raise UsageError(f"--resume: {path}: {e.api_message}") from None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    run.release()
+    raise UsageError(f"--resume: {path} is not a readable sfljax config "
+                     f"({getattr(e, 'strerror', None) or e}); the run cannot be resumed") from None
+  return cfg, run
+
+
+class _Stop(Exception):
+  """The run ended early with a message and an exit code (after saving what it could)."""
+
+  def __init__(self, message: str, code: int):
+    super().__init__(message)
+    self.code = code
+
+
+def _train(args, argv) -> int:
+  from sfljax import rundir
+  from sfljax.config import ConfigError
+  if args.checkpoint_every < 0:
+    raise UsageError(f"--checkpoint-every: must be >= 0 (0: only at the end), got "
+                     f"{args.checkpoint_every}")
+  if args.keep_checkpoints < 1:
+    raise UsageError(f"--keep-checkpoints: must be >= 1, got {args.keep_checkpoints}")
+  run = None
+  try:
+    if args.resume is not None:
+      cfg, run = _resume_config(args, argv)
+    else:
+      cfg = _config(args).validate()
+    writer = _initialize(args)
+    if writer and run is None:
+      rundir.check_new(args.out, args.overwrite)   # Before any work: nothing created yet.
+    from sfljax.train import Experiment
+    exp = Experiment(cfg, dataset=_load(cfg))
+    if not writer:  # Other processes of a multi-host run compute; process 0 writes.
+      exp.run()
+      return 0
+    if run is None:
+      run = rundir.RunDir.claim(args.out, args.overwrite)
+  except ConfigError as e:
+    if run is not None:
+      run.release()
     raise UsageError(e.cli_message) from None
-  if not writer:  # Other processes of a multi-host run compute; process 0 writes.
-    exp.run()
-    return 0
-  _create_out(out)
-  resolved = {"cut": exp.cut, "strategy": exp.executor.name,
-              "client_sizes": [int(n) for n in exp.client_data.counts],
-              "block_names": list(exp.model.block_names),
-              "input_shape": list(exp.dataset.input_shape),
-              "train_samples": int(len(exp.dataset.y_train)),
-              "test_samples": int(len(exp.dataset.y_test)),
-              "steps_per_round": int(exp.steps_per_round)}
-  comp = getattr(exp.algorithm, "composition", None)
-  if comp is not None:
-    resolved["composition"] = comp.describe()
-  _write_json(os.path.join(out, "config.json"),
-              {"config": cfg.to_dict(), "resolved": resolved, "environment": environment()})
-  if not args.quiet:
-    print(f"sfljax: training {cfg.algorithm} / {cfg.model} on {cfg.dataset} with "
-          f"{cfg.clients} clients for {cfg.rounds} rounds; writing to {out}", file=sys.stderr)
-  progress = _Progress(cfg.rounds, enabled=not args.quiet and sys.stderr.isatty())
+  except rundir.RunDirError as e:
+    raise UsageError(str(e)) from None
+  try:
+    return _train_in(args, cfg, exp, run)
+  finally:
+    run.release()
+
+
+def _train_in(args, cfg, exp, run) -> int:
+  import jax
+  from sfljax import checkpoint, rundir
+  from sfljax.train import NonFiniteError, environment
+  resuming = args.resume is not None
+  ckpt = checkpoint.Checkpoints(run.file("checkpoints"), keep=args.keep_checkpoints)
+  multi = jax.process_count() > 1   # orbax saves need every process: not checkpointed yet.
+  state = exp.init()
   history = []
-  with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-    def log(m):
-      history.append(m)
-      f.write(json.dumps(m, sort_keys=True) + "\n")
-      f.flush()
-      progress.update(m)
-    exp.run(callback=log)
-  best = max(history, key=lambda m: m["test_accuracy"])
-  summary = {"best_test_accuracy": best["test_accuracy"], "best_round": best["round"],
-             "final_test_accuracy": history[-1]["test_accuracy"],
-             "compile_seconds": exp.compile_seconds,
-             "train_seconds": sum(m["seconds"] for m in history)}
-  _write_json(os.path.join(out, "summary.json"), summary)
+  try:
+    if resuming:
+      last = ckpt.latest()
+      if last is not None:
+        state = exp.restore(ckpt.directory, last)
+      history = run.read_metrics(upto=state.round)
+    else:
+      resolved = {"cut": exp.cut, "strategy": exp.executor.name,
+                  "client_sizes": [int(n) for n in exp.client_data.counts],
+                  "block_names": list(exp.model.block_names),
+                  "input_shape": list(exp.dataset.input_shape),
+                  "num_classes": int(exp.dataset.num_classes),
+                  "batch_size": int(exp.batch_size),
+                  "train_samples": int(len(exp.dataset.y_train)),
+                  "test_samples": int(len(exp.dataset.y_test)),
+                  "steps_per_round": int(exp.steps_per_round)}
+      comp = getattr(exp.algorithm, "composition", None)
+      if comp is not None:
+        resolved["composition"] = comp.describe()
+      rundir.write_json(run.file("config.json"), {"config": cfg.to_dict(), "resolved": resolved,
+                                                  "environment": environment()})
+  except (rundir.RunDirError, checkpoint.CheckpointError) as e:
+    raise UsageError(str(e)) from None
+  except OSError as e:
+    raise UsageError(f"--out: cannot write to {run.path}: {e.strerror or e}") from None
+  if state.round >= cfg.rounds:
+    if not os.path.exists(run.file("summary.json")):
+      _write_summary(run, history, exp, "finished")
+    print(f"sfljax: {run.path} already finished its {cfg.rounds} rounds; nothing to do",
+          file=sys.stderr)
+    return 0
   if not args.quiet:
+    verb = f"resuming at round {state.round + 1}" if resuming else "training"
+    print(f"sfljax: {verb} {cfg.algorithm} / {cfg.model} on {cfg.dataset} with {cfg.clients} "
+          f"clients for {cfg.rounds} rounds; writing to {run.path}", file=sys.stderr)
+  progress = _Progress(cfg.rounds, state.round, enabled=not args.quiet and sys.stderr.isatty())
+  saved = ckpt.latest()
+
+  def save(s):
+    nonlocal saved
+    if not multi and saved != s.round and s.round > 0:
+      exp.save(s, ckpt.directory, keep=args.keep_checkpoints)
+      saved = s.round
+
+  status, code, message = "finished", 0, None
+  tb = None
+  try:
+    from sfljax import tensorboard
+    tb = tensorboard.ScalarLog(run.path)
+    with open(run.file(rundir.METRICS), "a") as f:
+      exp.compile(state)
+      while state.round < cfg.rounds:
+        try:
+          state, m = exp.step(state)
+        except NonFiniteError as e:
+          raise _Stop(f"{e}; the run stopped: rounds 1-{e.round - 1} and the checkpoint of "
+                      f"round {saved or 0} are kept in {run.path}; lower --lr, or pass "
+                      "--on-nonfinite skip", 3) from None
+        history.append(m)
+        run.append_metrics(f, m)
+        tb.write(m)
+        progress.update(m)
+        run.started()
+        every = args.checkpoint_every
+        if state.round == cfg.rounds or (every and state.round % every == 0):
+          save(state)
+  except _Stop as e:
+    status, code, message = "stopped: non-finite values", e.code, str(e)
+  except KeyboardInterrupt as e:
+    progress.end()
+    save(state)   # The last finished round: nothing is lost.
+    what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+    status, code = what, 143 if isinstance(e, _Terminated) else 130
+    message = (f"{what} after round {state.round}; rounds 1-{state.round} are in "
+               f"{run.file(rundir.METRICS)} and checkpointed; continue with: sfljax train "
+               f"--resume {run.path}")
+  except OSError as e:
+    raise UsageError(f"cannot write to {run.path}: {e.strerror or e}; rounds 1-{saved or 0} "
+                     f"are checkpointed: free space and continue with: sfljax train --resume "
+                     f"{run.path}") from None
+  finally:
+    if tb is not None:
+      tb.close()
+  _write_summary(run, history, exp, status, message)
+  if message is not None:
+    print(f"sfljax: {'error: ' if code == 3 else ''}{message}", file=sys.stderr)
+    return code
+  if not args.quiet and history:
+    best = max(history, key=lambda m: m["test_accuracy"])
     print(f"best test accuracy {best['test_accuracy']:.4f} (round {best['round']}), "
           f"final {history[-1]['test_accuracy']:.4f}; compile {exp.compile_seconds:.1f}s, "
-          f"training {summary['train_seconds']:.1f}s; results in {out}")
+          f"training {sum(m['seconds'] for m in history):.1f}s; results in {run.path}")
   return 0
 
 
+def _write_summary(run, history, exp, status, message=None) -> None:
+  """summary.json: best and final accuracy over the finished (finite) rounds."""
+  import math
+  from sfljax import rundir
+  good = [m for m in history if m.get("test_accuracy") is not None
+          and math.isfinite(m["test_accuracy"])]
+  best = max(good, key=lambda m: m["test_accuracy"]) if good else None
+  summary = {"status": status, "rounds": len(history),
+             "best_test_accuracy": best["test_accuracy"] if best else None,
+             "best_round": best["round"] if best else None,
+             "final_test_accuracy": good[-1]["test_accuracy"] if good else None,
+             "compile_seconds": exp.compile_seconds,
+             "train_seconds": sum(m["seconds"] for m in history)}
+  if message is not None:
+    summary["message"] = message
+  try:
+    rundir.write_json(run.file("summary.json"), summary)
+  except OSError:
+    pass   # The rounds and checkpoints are what count; the message says where they are.
+
+
+def _report_commands() -> tuple[str, ...]:
+  return ("plot", "summary")
+
+
+def _report(args) -> int:
+  from sfljax import report
+  try:
+    return report.run_command(args)
+  except report.ReportError as e:
+    raise UsageError(str(e)) from None
+
+
+class _Terminated(KeyboardInterrupt):
+  """SIGTERM, handled like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+  raise _Terminated()
+
+
 def main(argv=None) -> int:
+  import signal
+  try:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+  except ValueError:   # Not the main thread (e.g. called from a worker thread).
+    pass
+  argv = sys.argv[1:] if argv is None else list(argv)
   try:
     args = _parser().parse_args(argv)
-    return _partition(args) if args.command == "partition" else _train(args)
+    if args.command in _report_commands():
+      return _report(args)
+    return _partition(args) if args.command == "partition" else _train(args, argv)
   except UsageError as e:
     print(f"sfljax: error: {e}", file=sys.stderr)
     return EXIT_USAGE
-  except KeyboardInterrupt:
-    print("sfljax: interrupted; rounds finished so far are in metrics.jsonl", file=sys.stderr)
-    return 130
+  except KeyboardInterrupt as e:
+    what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+    print(f"sfljax: {what} before training started; nothing was written", file=sys.stderr)
+    return 143 if isinstance(e, _Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Metrics of a round (:data:`METRICS` documents every key).
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import time
 from typing import Any, Callable, NamedTuple
@@ -50,6 +51,9 @@ METRICS: dict[str, str] = {
                             "model (its client part with the server part)",
     "seconds": "wall-clock seconds of the round's training and evaluation (compilation "
                "excluded: see compile_seconds in summary.json)",
+    "train_seconds": "the part of seconds spent training (the round's programs and the "
+                     "metrics pull)",
+    "eval_seconds": "the part of seconds spent evaluating the global model",
     "participants": "clients that took part in the round",
     "bytes_client_to_server": "bytes sent by all clients in the round (sum of the kinds below "
                               "that travel upwards)",
@@ -63,6 +67,20 @@ METRICS: dict[str, str] = {
     "bytes_server_out_grad": "U-shaped: its cotangent, client to server",
 }
 """Every key of a round's metrics, and how to read it."""
+
+
+class NonFiniteError(RuntimeError):
+  """A NaN/Inf in a round's losses or in the state after it (``--on-nonfinite stop``).
+
+  ``round``: the round (1-based) that produced it; ``clients``: the clients
+  whose training loss was non-finite (empty when unknown); ``str(e)`` is one
+  line saying what and where. The state before that round is the last good one.
+  """
+
+  def __init__(self, round_index: int, what: str, clients=()):
+    self.round, self.what, self.clients = round_index, what, tuple(int(c) for c in clients)
+    where = f" (clients {', '.join(map(str, self.clients))})" if self.clients else ""
+    super().__init__(f"round {round_index}: non-finite {what}{where}")
 
 
 class RunState(NamedTuple):
@@ -118,6 +136,8 @@ class Experiment:
     if dataset is None:
       try:
         dataset = data.load_dataset(config.dataset, seed=config.seed, data_dir=config.data_dir)
+      except ConfigError:
+        raise
       except ValueError as e:
         raise ConfigError("--data-dir", str(e)) from None
     else:
@@ -151,7 +171,10 @@ class Experiment:
               or (algorithm is None and config.algorithm == "centralized"))
     maker = data.ClientData.pooled if pooled else data.ClientData.from_partition
     self.client_data = maker(ds.x_train, ds.y_train, parts)
-    self._steps = data.steps_per_epoch(self.client_data.counts, config.batch_size)
+    # A batch larger than the largest client is that client's whole data: clamped,
+    # so an oversized --batch-size costs no padding (memory, time).
+    self.batch_size = int(min(config.batch_size, max(1, int(np.max(self.client_data.counts)))))
+    self._steps = data.steps_per_epoch(self.client_data.counts, self.batch_size)
     self.algorithm = self._algorithm(algorithm, client_optimizer, server_optimizer)
     self.cuts = getattr(self.algorithm, "cuts", ())
     self._finish_init()
@@ -276,6 +299,7 @@ class Experiment:
     self._eval = jax.jit(self._evaluate_arrays)
     self._eval_own = jax.jit(self._evaluate_own)
     self._global = jax.jit(lambda s, w: alg.global_variables(s, w))
+    self._finite = jax.jit(_all_finite)
     self._local = None   # local_models' program, built when first asked for
     self._prepare_test_set()
     self.compile_seconds: float | None = None
@@ -379,7 +403,7 @@ class Experiment:
     ids = self.participants(round_index)
     counts = cd.counts if ids is None else cd.counts[ids]
     # Steps come from all clients' counts, so every round has the same shapes.
-    idx, mask = data.batch_schedule(counts, cfg.batch_size, seed=cfg.seed,
+    idx, mask = data.batch_schedule(counts, self.batch_size, seed=cfg.seed,
                                     round_index=round_index, local_epochs=cfg.local_epochs,
                                     client_ids=ids, steps=self._steps)
     k, t = len(counts), idx.shape[1]
@@ -528,28 +552,97 @@ class Experiment:
     if self.compile_seconds is None:
       self.compile(state)
     t0 = time.perf_counter()
-    state, metrics = self.train_round(state)
-    metrics.update(self.evaluate(state))
-    metrics["seconds"] = time.perf_counter() - t0
+    new, metrics = self.train_round(state)
+    t1 = time.perf_counter()
+    if self.config.on_nonfinite == "stop":
+      self.check_finite(new, metrics)
+    metrics.update(self.evaluate(new))
+    if self.config.on_nonfinite == "stop" and not np.isfinite(metrics["test_loss"]):
+      raise NonFiniteError(new.round, "test loss")
+    state = new
+    t2 = time.perf_counter()
+    metrics["seconds"] = t2 - t0
+    metrics["train_seconds"], metrics["eval_seconds"] = t1 - t0, t2 - t1
     ids = self.participants(state.round - 1)
     counts = self.client_data.counts if ids is None else self.client_data.counts[ids]
     metrics["participants"] = len(counts)
     metrics.update(self.traffic_for(counts).as_dict())
     return state, {"round": state.round, **metrics}
 
+  def check_finite(self, state: RunState, metrics: dict[str, Any] | None = None) -> None:
+    """Raises :class:`NonFiniteError` if the round's training loss or any
+    array of ``state`` holds a NaN/Inf (``metrics``: the round's, naming the
+    clients whose loss went non-finite)."""
+    bad = []
+    if metrics is not None:
+      bad = [k for k, v in enumerate(metrics.get("client_train_loss") or [])
+             if v is not None and not np.isfinite(v)]
+      if bad or not np.isfinite(metrics.get("train_loss", 0.0)):
+        raise NonFiniteError(state.round, "training loss", bad)
+    if not bool(distributed.fetch(self._finite(state.algo))):
+      raise NonFiniteError(state.round, "parameters or optimizer state after the update")
+
+  # -- checkpoints -----------------------------------------------------------
+  def save(self, state: RunState, path: str, *, keep: int | None = None) -> str:
+    """Saves ``state`` into the checkpoint directory ``path`` (one
+    sub-directory per round, atomic; ``keep``: how many rounds to keep, None
+    = all) with the global model for :func:`sfljax.checkpoint.load_model`.
+    Returns the round's directory."""
+    from sfljax import checkpoint
+    ckpt = self._checkpoints(path, keep)
+    return ckpt.save(state.round, state.algo, self.global_variables(state),
+                     {"config": self.config.to_dict()})
+
+  def restore(self, path: str, round_index: int | None = None) -> RunState:
+    """The state saved in the checkpoint directory ``path`` (default: its newest
+    round), for this experiment (a checkpoint of another config or structure
+    raises :class:`sfljax.checkpoint.CheckpointError`)."""
+    from sfljax import checkpoint
+    ckpt = self._checkpoints(path, None)
+    stored = ckpt.meta(round_index).get("config", {})
+    mine = self.config.to_dict()
+    differ = [k for k in mine if k in stored and stored[k] != mine[k]
+              and k not in _HARMLESS_FIELDS]
+    if differ:
+      raise checkpoint.CheckpointError(
+          f"{path}: saved by a run with other settings: "
+          + ", ".join(f"{k}={stored[k]!r} (here {mine[k]!r})" for k in differ[:4]))
+    algo, meta = ckpt.restore(self.init().algo, round_index)
+    return RunState(algo, int(meta["round"]))
+
+  def _checkpoints(self, path, keep):
+    from sfljax import checkpoint
+    key = (os.path.abspath(path), keep)
+    if getattr(self, "_ckpt", None) is None or self._ckpt[0] != key:
+      self._ckpt = (key, checkpoint.Checkpoints(path, keep=keep))
+    return self._ckpt[1]
+
   def run(self, rounds: int | None = None,
-          callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Runs ``rounds`` (default: the config's) from a fresh state; returns the history."""
-    state = self.init()
+          callback: Callable[[dict[str, Any]], None] | None = None,
+          state: RunState | None = None) -> list[dict[str, Any]]:
+    """Runs from ``state`` (default: a fresh one) up to round ``rounds``
+    (default: the config's); returns the history of the rounds run."""
+    state = self.init() if state is None else state
     self.compile(state)
     history = []
-    for _ in range(self.config.rounds if rounds is None else rounds):
+    for _ in range(state.round, self.config.rounds if rounds is None else rounds):
       state, metrics = self.step(state)
       history.append(metrics)
       if callback is not None:
         callback(metrics)
     self.final_state = state  # The last round's state, for inspection after run().
     return history
+
+
+_HARMLESS_FIELDS = frozenset({"eval_batch_size"})
+"""Config fields that may differ between a checkpoint and the run restoring it."""
+
+
+def _all_finite(tree) -> jax.Array:
+  """True if every floating-point leaf of ``tree`` is finite."""
+  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)
+            if jnp.issubdtype(a.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def _refuse_bad(argument: str, check, *args):
