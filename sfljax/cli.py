@@ -315,7 +315,7 @@ def _train_in(args, cfg, exp, run) -> int:
   tb = None
   try:
     from sfljax import tensorboard
-    tb = tensorboard.ScalarLog(run.path)
+    tb = tensorboard.ScalarLog(run.path, after_round=state.round)
     with open(run.file(rundir.METRICS), "a") as f:
       exp.compile(state)
       while state.round < cfg.rounds:

@@ -76,6 +76,22 @@ def is_run(path: str) -> bool:
   return os.path.isfile(os.path.join(path, MARKER))
 
 
+def busy(path: str) -> bool:
+  """True if a live sfljax process holds ``path``'s lock."""
+  try:
+    fd = os.open(os.path.join(path, LOCK), os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+  except OSError:
+    return True
+  finally:
+    os.close(fd)
+
+
 def check_new(out: str | None, overwrite: bool) -> None:
   """Refuses an ``--out`` that cannot be used, before any work or file is made."""
   if out is None:
@@ -84,6 +100,9 @@ def check_new(out: str | None, overwrite: bool) -> None:
     raise RunDirError(f"--out: {out} exists and is not a directory; choose another path")
   if os.path.isdir(out):
     entries = [e for e in os.listdir(out) if e != LOCK]
+    if busy(out):
+      raise RunDirError(f"--out: another sfljax process is writing to {out}; wait for it or "
+                        "choose another directory")
     if entries:
       if not overwrite:
         raise RunDirError(f"--out: {out} is not empty; choose another directory, continue it "
