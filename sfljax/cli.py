@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -29,7 +30,10 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # One line, no usage dump.
+  def error(self, message):  # One line naming the flag first, no usage dump.
+    message = re.sub(r"^argument (--[\w-]+)(?:/-\w+)?: ", r"\1: ", message)
+    if message.endswith("expected one argument"):
+      message += " (a value starting with '-' goes as --flag=VALUE)"
     raise UsageError(message)
 
 
@@ -180,7 +184,8 @@ def _initialize(args) -> bool:
                            auto_detect=args.distributed_auto)
   except (ValueError, RuntimeError) as e:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UsageError(msg if msg.startswith("--") else f"--coordinator-address: {msg}") from None
+    raise UsageError(msg if msg.startswith(("--", "SFLJAX_"))
+                     else f"--coordinator-address: {msg}") from None
   return distributed.is_main_process()
 
 

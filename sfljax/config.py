@@ -33,12 +33,17 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
-from sfljax import algorithms, data, execution, models, optimizers, split
+from sfljax import algorithms, data, execution, models, optimizers, partitions, split
 
 WHOLE_MODEL_ALGORITHMS: tuple[str, ...] = ("centralized", "fl")
 """Algorithms that train whole models, so take no ``cut``."""
 
 _INT_TEXT = re.compile(r"[+-]?\d+")
+
+MAX_SEED: int = 2**31 - 1
+"""The largest seed: the run uses ``jax.random.key(seed + 1)``, which must fit
+in 32 bits whether or not JAX's 64-bit mode is on (a larger key is silently
+truncated there, or overflows), so seeds are kept in ``[0, 2**31 - 1]``."""
 
 
 class ConfigError(ValueError):
@@ -139,8 +144,8 @@ class Config:
       "model's own", choices=models.NORMS)
   dropout: float = _opt(0.0, "dropout rate inside the paper models' classifier, in [0, 1)")
   dataset: str = _opt("digits", "the dataset", choices=data.DATASETS)
-  data_dir: str | None = _opt(None, "folder holding the dataset's files (digits is embedded)",
-                              metavar="DIR")
+  data_dir: str | None = _opt(None, "folder holding the dataset's files (digits ships with "
+                                    "sfljax and takes none)", metavar="DIR")
   clients: int = _opt(5, "number of clients K")
   rounds: int = _opt(20, "global epochs")
   local_epochs: int = _opt(1, "passes over its data a client makes per round")
@@ -168,11 +173,13 @@ class Config:
       "another", choices=("paper", "client"))
   partition: str = _opt("iid", "how the training set splits among clients",
                         choices=data.PARTITIONS)
-  alpha: float = _opt(0.5, "dirichlet partition: concentration (small = strong label skew)")
+  alpha: float = _opt(0.5, "dirichlet partition: concentration, a finite number > 0 (small = "
+                           "strong label skew)")
   shards_per_client: int = _opt(2, "shards partition: label-sorted shards per client")
   classes_per_client: int = _opt(2, "classes partition: labels per client")
   min_client_size: int = _opt(1, "smallest number of samples a client may hold")
-  seed: int = _opt(0, "seed of the data split, partition, batches and initialisation")
+  seed: int = _opt(0, "seed of the data split, partition, batches and initialisation, from 0 "
+                      "to 2**31 - 1")
   augment: bool = _opt(True, "the dataset's train augmentation, if it has one (HAM10000); "
                              "--no-augment skips it")
   strategy: str = _opt("auto", "how the client axis runs: vmap, or sequential inside the "
@@ -243,8 +250,18 @@ class Config:
     for name in ("shards_per_client", "classes_per_client", "min_client_size", "seed"):
       if not _is_int(getattr(self, name)):
         raise ConfigError(name, f"must be an integer, got {getattr(self, name)!r}")
-    if self.data_dir is not None and not isinstance(self.data_dir, str):
-      raise ConfigError("data_dir", f"must be a path, got {self.data_dir!r}")
+    if not 0 <= self.seed <= MAX_SEED:
+      raise ConfigError("seed", f"must be an integer from 0 to {MAX_SEED} (2**31 - 1), "
+                                f"got {self.seed}")
+    if self.data_dir is not None:
+      if not isinstance(self.data_dir, str):
+        raise ConfigError("data_dir", f"must be a path, got {self.data_dir!r}")
+      if not self.data_dir.strip():
+        raise ConfigError("data_dir", "empty path: give the dataset's folder or drop "
+                                      f"{_flag_of('data_dir')}")
+      if self.dataset in data.EMBEDDED_DATASETS:
+        raise ConfigError("data_dir", f"{self.dataset} ships with sfljax; drop "
+                                      f"{_flag_of('data_dir')}")
     if not isinstance(self.augment, (bool, np.bool_)):
       raise ConfigError("augment", f"must be True or False, got {self.augment!r}")
     if not (_is_real(self.lr) and self.lr > 0):
@@ -255,8 +272,9 @@ class Config:
         raise ConfigError(name, f"must be in [{low}, {high}), got {value!r}")
     if not (_is_real(self.weight_decay) and self.weight_decay >= 0):
       raise ConfigError("weight_decay", f"must be a number >= 0, got {self.weight_decay!r}")
-    if not isinstance(self.alpha, numbers.Real) or isinstance(self.alpha, (bool, np.bool_)):
-      raise ConfigError("alpha", f"must be a number, got {self.alpha!r}")
+    # Checked whatever the partition: a bad alpha must not wait for --partition dirichlet.
+    if not (_is_real(self.alpha) and self.alpha > 0):
+      raise ConfigError("alpha", f"must be a positive finite number, got {self.alpha!r}")
     if not (_is_real(self.dropout_rate) and 0 <= self.dropout_rate <= 1):
       raise ConfigError("dropout_rate", f"must be in [0, 1], got {self.dropout_rate!r}")
     if not (_is_real(self.client_fraction) and 0 < self.client_fraction <= 1):
@@ -307,17 +325,19 @@ class Config:
 
   def client_partition(self, labels: np.ndarray) -> list[np.ndarray]:
     """The config's partition of ``labels``; a setting that cannot be met
-    raises :class:`ConfigError` naming the flag to change."""
+    raises :class:`ConfigError` naming the flag to change (the flag the
+    message is about, e.g. ``--min-client-size``, not always ``--partition``)."""
     try:
       return data.partition(labels, self.clients, self.partition, seed=self.seed,
                             alpha=self.alpha, shards_per_client=self.shards_per_client,
                             classes_per_client=self.classes_per_client,
                             min_client_size=self.min_client_size)
-    except ValueError as e:  # The message ends with the flag to change, e.g. "(--alpha)".
+    except partitions.PartitionError as e:
+      flag = e.flag or "--partition"
       msg = str(e)
-      found = re.search(r"\((--[a-z-]+)\)$", msg)
-      flag = found.group(1) if found else "--partition"
-      raise ConfigError(flag, msg[:found.start()].rstrip() if found else msg) from None
+      if msg.endswith(f" ({flag})"):  # The prefix names it already.
+        msg = msg[:-len(f" ({flag})")]
+      raise ConfigError(flag, msg) from None
 
 
 def _is_int(value) -> bool:

@@ -25,6 +25,8 @@ from typing import Sequence
 import numpy as np
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "ham10000")
+EMBEDDED_DATASETS: tuple[str, ...] = ("digits",)
+"""The datasets that ship with sfljax: they read no ``data_dir``."""
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards", "classes")
 
 # Purpose tags that keep the seeded random streams of different jobs apart.
@@ -231,8 +233,14 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
   * ``cifar10``: TFDS (``data_dir`` = the TFDS data dir, default TFDS's own).
   * ``ham10000``: the metadata csv and JPEG folders in ``data_dir``.
 
-  Problems raise :class:`sfljax.loaders.DatasetError` with a one-line message.
+  Problems raise :class:`sfljax.loaders.DatasetError` with a one-line message;
+  a ``data_dir`` given for an embedded dataset (:data:`EMBEDDED_DATASETS`) is
+  refused rather than ignored.
   """
+  if name in EMBEDDED_DATASETS and data_dir is not None:
+    from sfljax import loaders
+    raise loaders.DatasetError(f"{name} ships with sfljax and reads no folder; drop "
+                               f"data_dir (--data-dir)")
   if name == "digits":
     return load_digits(seed, image_size=image_size or 28)
   if name not in DATASETS:

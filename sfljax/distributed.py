@@ -55,10 +55,24 @@ gives the coordinator, process count and id)::
 
 CPU processes (tests): the same flags on one or several machines; the CPU
 backend's cross-process collectives use gloo.
+
+Joining waits at most ``SFLJAX_COORDINATOR_TIMEOUT`` seconds (default 300),
+announced by one line on stderr (with explicit coordinator flags). A process other than 0 first waits for the
+coordinator's port to answer and, if it never does, raises ``ValueError``
+("--coordinator-address: no coordinator answered at HOST:PORT within N s;
+..."). If the port answers but not every process joins in time, JAX would
+abort the process with a C++ stack trace; instead one line
+(``sfljax: error: ...``) is printed and the process exits with code 2.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import socket
+import sys
+import threading
+import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -70,8 +84,14 @@ from sfljax.execution import CLIENT_AXIS
 from sfljax.state import per_client_mask
 
 __all__ = ["CLIENT_AXIS", "Shardings", "check_clients", "client_mesh", "client_sharding",
-           "fetch", "initialize", "input_shardings", "is_main_process", "place", "replicate",
-           "replicated_sharding", "shard_clients"]
+           "coordinator_timeout", "fetch", "initialize", "input_shardings", "is_main_process",
+           "place", "replicate", "replicated_sharding", "shard_clients"]
+
+TIMEOUT_ENV = "SFLJAX_COORDINATOR_TIMEOUT"
+"""Environment variable: seconds a process waits for the others to join (default 300)."""
+DEFAULT_TIMEOUT = 300
+_EXIT_USAGE = 2        # sfljax.cli's exit code for bad input.
+_JAX_GRACE = 10        # JAX's own deadline comes this much later than ours.
 
 
 # -- processes ---------------------------------------------------------------
@@ -82,10 +102,52 @@ def _check_address(address: str) -> None:
     raise ValueError(f"--coordinator-address: expected host:port, got {address!r}")
 
 
+def coordinator_timeout() -> int:
+  """Seconds to wait for the processes of a multi-process run to join:
+  ``$SFLJAX_COORDINATOR_TIMEOUT`` (a number of seconds >= 1, rounded up), else
+  300. A bad value raises ``ValueError`` naming the variable."""
+  text = os.environ.get(TIMEOUT_ENV, "").strip()
+  if not text:
+    return DEFAULT_TIMEOUT
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not (math.isfinite(value) and value >= 1):
+    raise ValueError(f"{TIMEOUT_ENV}: must be a number of seconds >= 1, got {text!r}")
+  return int(math.ceil(value))
+
+
+def _wait_for_port(address: str, deadline: float) -> bool:
+  """Retries a TCP connection to ``host:port`` until it answers (True) or the
+  ``time.monotonic()`` deadline passes (False). Nothing is sent."""
+  host, _, port = address.rpartition(":")
+  host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]
+  while True:
+    left = deadline - time.monotonic()
+    if left <= 0:
+      return False
+    try:
+      with socket.create_connection((host, int(port)), timeout=min(left, 2.0)):
+        return True
+    except OSError:  # Refused, unreachable, not resolvable (yet): try again.
+      time.sleep(max(0.0, min(0.25, deadline - time.monotonic())))
+
+
+def _stall_exit(message: str) -> None:
+  """Ends the process with one line: JAX would abort it with a C++ stack trace."""
+  try:
+    sys.stdout.flush()
+    sys.stderr.write(f"sfljax: error: {message}\n")
+    sys.stderr.flush()
+  finally:
+    os._exit(_EXIT_USAGE)  # pylint: disable=protected-access
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None,
                local_device_ids: int | Sequence[int] | None = None, *,
-               auto_detect: bool = False, timeout_seconds: int = 300) -> bool:
+               auto_detect: bool = False, timeout_seconds: int | None = None) -> bool:
   """Joins this process to a multi-process JAX run; call before any JAX work.
 
   No-op (returns False) for a single process: ``num_processes`` None or 1
@@ -94,6 +156,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   unless ``auto_detect`` lets JAX read them from the cluster (Cloud TPU,
   SLURM, Open MPI, Kubernetes). On CPU the cross-process collectives use
   gloo. Returns True once initialized.
+
+  Waits at most ``timeout_seconds`` (None: :func:`coordinator_timeout`, i.e.
+  ``$SFLJAX_COORDINATOR_TIMEOUT`` or 300) and, given the coordinator, says so
+  in one line on stderr first. A process other than 0 whose coordinator never answers raises
+  ``ValueError`` ("--coordinator-address: no coordinator answered at
+  HOST:PORT within N s; ..."); a run that does not gather all its processes
+  in time ends the process with one line on stderr and exit code 2 (JAX
+  itself would abort it).
   """
   if auto_detect:
     if any(v is not None for v in (coordinator_address, num_processes, process_id)):
@@ -123,19 +193,65 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       raise ValueError(f"--process-id: must be in 0..{num_processes - 1}, got {process_id!r}")
   if jax.distributed.is_initialized():
     raise RuntimeError("jax.distributed is already initialized in this process")
+  if timeout_seconds is None:
+    timeout_seconds = coordinator_timeout()
+  elif (isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, (int, float))
+        or not (math.isfinite(timeout_seconds) and timeout_seconds >= 1)):
+    raise ValueError(f"timeout_seconds: must be a number of seconds >= 1, got "
+                     f"{timeout_seconds!r}")
+  timeout = int(math.ceil(timeout_seconds))
+  deadline = time.monotonic() + timeout
   if jax.config.jax_cpu_collectives_implementation is None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = {} if auto_detect else dict(coordinator_address=coordinator_address,
-                                        num_processes=int(num_processes),
-                                        process_id=int(process_id))
+  if auto_detect:  # No line here: the cluster may not be detected at all.
+    kwargs = {}
+    stalled = (f"--distributed-auto: the cluster's processes did not all join within "
+               f"{timeout} s; start every process, or set {TIMEOUT_ENV}")
+  else:
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=int(num_processes),
+                  process_id=int(process_id))
+    n, i = int(num_processes), int(process_id)
+    if i == 0:
+      print(f"sfljax: waiting up to {timeout} s for the other {n - 1} "
+            f"process{'es' if n > 2 else ''} to join the coordinator at {coordinator_address} "
+            f"(process 0 of {n})", file=sys.stderr, flush=True)
+      stalled = (f"--num-processes: only some of the {n} processes joined the coordinator at "
+                 f"{coordinator_address} within {timeout} s; start "
+                 f"{'process 1' if n == 2 else f'processes 1..{n - 1}'} with the same "
+                 f"--coordinator-address and --num-processes, or set {TIMEOUT_ENV}")
+    else:
+      print(f"sfljax: waiting up to {timeout} s for the coordinator at {coordinator_address} "
+            f"(process {i} of {n})", file=sys.stderr, flush=True)
+      if not _wait_for_port(coordinator_address, deadline):
+        raise ValueError(f"--coordinator-address: no coordinator answered at "
+                         f"{coordinator_address} within {timeout} s; start process 0 first "
+                         f"or check the address")
+      stalled = (f"--num-processes: the coordinator at {coordinator_address} answered but "
+                 f"the {n} processes did not all join within {timeout} s; start every "
+                 f"process (--process-id 0..{n - 1}) with the same --num-processes, or set "
+                 f"{TIMEOUT_ENV}")
+  # JAX aborts the process (C++ CHECK) when its deadline passes; ours comes first.
+  left = max(5.0, deadline - time.monotonic())
+  watchdog = threading.Timer(left, _stall_exit, args=(stalled,))
+  watchdog.daemon = True
+  watchdog.start()
   try:
     jax.distributed.initialize(**kwargs, local_device_ids=local_device_ids,
-                               initialization_timeout=timeout_seconds)
+                               initialization_timeout=int(math.ceil(left)) + _JAX_GRACE)
   except RuntimeError as e:
     if "before any JAX" in str(e):
       raise RuntimeError("distributed.initialize must run before any JAX computation "
                          "(call it first in the program)") from e
     raise
+  except ValueError as e:
+    if not auto_detect:
+      raise
+    detail = " ".join(str(e).split())
+    raise ValueError(f"--distributed-auto: no cluster detected (Cloud TPU, SLURM, Open MPI, "
+                     f"Kubernetes; JAX: {detail}); give --coordinator-address, "
+                     f"--num-processes and --process-id instead") from None
+  finally:
+    watchdog.cancel()
   return True
 
 

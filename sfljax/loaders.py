@@ -19,10 +19,14 @@ where there is one, how to fix it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
+import logging
+import math
 import os
 import tempfile
+import warnings
 import zlib
 from typing import Sequence
 
@@ -135,7 +139,13 @@ def _parse_idx(path: str, magic: int) -> np.ndarray:
     raise DatasetError(f"{path}: truncated: expected a header of {header} bytes, got "
                        f"{len(raw)} bytes in all")
   dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4))
-  expected = int(np.prod(dims))
+  # A count of 0 is a readable (empty) file, refused by the caller; a size of 0
+  # or a negative one (a set high bit) is a broken header.
+  if dims[0] < 0 or any(d <= 0 for d in dims[1:]):
+    what = "count, rows, columns" if ndim == 3 else "count"
+    raise DatasetError(f"{path}: corrupt header: dimension sizes ({what}) {dims} must be "
+                       f"positive; re-download the file")
+  expected = math.prod(dims)  # A Python int: no overflow for a huge header.
   got_n = len(raw) - header
   if got_n < expected:
     raise DatasetError(f"{path}: truncated: expected {expected} bytes of data for shape "
@@ -155,6 +165,9 @@ def _load_idx_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, 
   if len(images) != len(labels):
     raise DatasetError(f"{images_path} has {len(images)} images but {labels_path} has "
                        f"{len(labels)} labels: the counts must match")
+  if not len(images):
+    raise DatasetError(f"{images_path}: holds no images; the {split} set needs at least one "
+                       f"(re-download the file or give a folder with data)")
   if len(labels) and labels.max() > 9:
     bad = int(np.argmax(labels > 9))
     raise DatasetError(f"{labels_path}: label values must be in [0, 9], got "
@@ -194,6 +207,38 @@ def load_idx(name: str, data_dir: str) -> Dataset:
 # TensorFlow Datasets.
 
 _TFDS_CHUNK = 8192
+# The loggers of TFDS and what it pulls in (absl, TensorFlow if installed).
+_TFDS_LOGGERS = ("absl", "tensorflow", "tensorflow_datasets")
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Silences TFDS's chatter while it runs, and only then.
+
+  TFDS logs warnings through absl (e.g. "Variant folder ... has no
+  dataset_info.json" while looking for an unprepared dataset) and may import
+  TensorFlow, which logs from C++; none of it says more than the one-line
+  :class:`DatasetError` that follows. Log records below ERROR on those loggers
+  and Python warnings are dropped; errors are still logged, and exceptions go
+  through untouched. ``TF_CPP_MIN_LOG_LEVEL`` is set to 2 (TensorFlow's C++
+  warnings off) unless the user set it.
+  """
+  loggers = [logging.getLogger(n) for n in _TFDS_LOGGERS]
+  levels = [lg.level for lg in loggers]
+  set_env = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+  if set_env:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  try:
+    for lg in loggers:
+      lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+    if set_env:
+      os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
 
 
 def _tfds_not_ready(name: str, data_dir: str | None, err: Exception) -> DatasetError:
@@ -223,12 +268,12 @@ def _tfds_not_ready(name: str, data_dir: str | None, err: Exception) -> DatasetE
                       f"({type(err).__name__}: {detail})")
 
 
-def _read_source(source) -> tuple[np.ndarray, np.ndarray]:
+def _read_source(source, what: str = "the TFDS source") -> tuple[np.ndarray, np.ndarray]:
   """All records of a TFDS random-access source as (uint8 images, labels)."""
   n = len(source)
   first = source[0] if n else None
   if first is None:
-    raise DatasetError(f"TFDS source {source!r} has no records")
+    raise DatasetError(f"{what} has no records; prepare the dataset again")
   image0 = np.asarray(first["image"])
   images = np.empty((n,) + image0.shape, np.uint8)
   labels = np.empty((n,), np.int64)
@@ -255,16 +300,22 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
   """
   if name not in TFDS_DATASETS:
     raise DatasetError(f"unknown TFDS dataset {name!r}: choose one of {', '.join(TFDS_DATASETS)}")
-  import tensorflow_datasets as tfds  # Local import: keeps `import sfljax.loaders` light.
-  try:
-    train, test = tfds.data_source(name, split=["train", "test"], data_dir=data_dir,
-                                   download=False)
-  except Exception as e:  # pylint: disable=broad-except
-    # An unprepared dir gives e.g. NotImplementedError about TFRECORD, which
-    # says nothing about the actual problem; work out what it is.
-    raise _tfds_not_ready(name, data_dir, e) from e
-  x_train, y_train = _read_source(train)
-  x_test, y_test = _read_source(test)
+  with _quiet_tfds():
+    try:
+      import tensorflow_datasets as tfds  # Local import: keeps `import sfljax.loaders` light.
+    except ImportError as e:
+      raise DatasetError(f"reading {name} through TFDS needs tensorflow-datasets ({e}): pip "
+                         f"install tensorflow-datasets") from None
+    try:
+      train, test = tfds.data_source(name, split=["train", "test"], data_dir=data_dir,
+                                     download=False)
+    except Exception as e:  # pylint: disable=broad-except
+      # An unprepared dir gives e.g. NotImplementedError about TFRECORD, which
+      # says nothing about the actual problem; work out what it is.
+      raise _tfds_not_ready(name, data_dir, e) from e
+    where = data_dir or "the default TFDS data dir"
+    x_train, y_train = _read_source(train, f"TFDS dataset {name!r} in {where}: split 'train'")
+    x_test, y_test = _read_source(test, f"TFDS dataset {name!r} in {where}: split 'test'")
   return _finish(name, x_train, y_train, x_test, y_test, num_classes=10,
                  per_channel=x_train.shape[-1] > 1)
 
@@ -411,6 +462,9 @@ def load_ham10000(data_dir: str, *, seed: int = 0, image_size: int = 64,
     raise DatasetError(f"{data_dir}: not a folder; pass the folder that holds {_HAM_CSV} and "
                        f"the HAM10000 images")
   ids, labels = _read_ham_csv(csv_path)
+  if len(ids) * 9 // 10 == 0:  # The 90/10 split would leave the training set empty.
+    raise DatasetError(f"{csv_path}: lists only {len(ids)} image; the 90/10 train/test "
+                       f"split needs at least 2 rows")
   cache_path = os.path.join(data_dir, _CACHE_DIR, f"ham10000-{image_size}.npz")
   cached = _load_cache(cache_path, csv_path, ids) if cache else None
   if cached is not None:

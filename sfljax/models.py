@@ -845,6 +845,25 @@ _BUILDERS = {"lenet": (_lenet, "none"), "alexnet": (_alexnet, "batch"),
              "vgg16": (_vgg16, "batch"), "resnet18": (_resnet18, "batch")}
 
 
+def _check_lenet_size(input_shape) -> None:
+  """LeNet's two 5x5 convs and pools need a large enough image.
+
+  Below 32 pixels high conv1 is SAME: h, w -> h//2 after the pool, conv2
+  (VALID) leaves h//2 - 4 and its pool (h//2 - 4)//2 >= 1, so h, w >= 12.
+  From 32 up conv1 is VALID (4 pixels fewer): w >= 16. Smaller images would
+  flatten to nothing or fail inside conv2, so they are refused up front.
+  """
+  h, w = input_shape[:2]
+  min_h, min_w = (12, 12) if h < 32 else (32, 16)
+  if h < min_h or w < min_w:
+    raise ValueError(f"images of {h}x{w} pixels are too small for lenet: it takes at least "
+                     f"12x12 (at least 16 wide from 32 high up); use alexnet, vgg16 or "
+                     f"resnet18, which take any size, or larger images")
+
+
+_SIZE_CHECKS = {"lenet": _check_lenet_size}  # The other models take any size >= 1x1.
+
+
 def get_model(name: str, *, input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
               norm: str | None = None, dropout: float = 0.0) -> SplitModel:
   """Builds the :class:`SplitModel` ``name`` (one of :data:`MODELS`).
@@ -855,6 +874,9 @@ def get_model(name: str, *, input_shape: Sequence[int] = (28, 28, 1), num_classe
   alexnet, vgg16) or before the head's Dense (resnet18).  Rate 0 adds no
   layer: the same variables and outputs as without the argument.  With rate
   > 0, train-mode :func:`apply_part` needs ``rng``.
+
+  Raises ``ValueError`` for an ``input_shape`` the model cannot take (lenet:
+  smaller than 12x12, see :func:`_check_lenet_size`; the others take any size).
   """
   if name not in _BUILDERS:
     raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
@@ -863,8 +885,10 @@ def get_model(name: str, *, input_shape: Sequence[int] = (28, 28, 1), num_classe
   if norm not in NORMS:
     raise ValueError(f"unknown norm {norm!r}: choose one of {', '.join(NORMS)}")
   input_shape = tuple(int(d) for d in input_shape)
-  if len(input_shape) != 3:
-    raise ValueError(f"input_shape must be (H, W, C), got {input_shape}")
+  if len(input_shape) != 3 or min(input_shape) < 1:
+    raise ValueError(f"input_shape must be (H, W, C) of positive sizes, got {input_shape}")
+  if name in _SIZE_CHECKS:
+    _SIZE_CHECKS[name](input_shape)
   if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
       or not 0 <= dropout < 1):
     raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")

@@ -37,7 +37,8 @@ Schemes (:data:`PARTITIONS`):
   present.
 
 Invalid requests raise :class:`PartitionError` (a ``ValueError``) whose
-one-line message names the command-line flag to change.
+one-line message names the command-line flag to change; its ``flag`` attribute
+is that flag (``Config.client_partition`` reports the error under it).
 """
 
 from __future__ import annotations
@@ -57,7 +58,18 @@ _SCHEME_TAGS = {"dirichlet": 1, "shards": 2, "classes": 3}
 
 
 class PartitionError(ValueError):
-  """A partition request that cannot be met; the message says which flag to change."""
+  """A partition request that cannot be met; the message says which flag to change.
+
+  ``flag`` is the command-line flag the message is about (``"--alpha"``), or
+  None when no flag can fix it (e.g. labels of the wrong shape).
+  """
+
+  def __init__(self, message: str, flag: str | None = None):
+    super().__init__(message)
+    self.flag = flag
+
+  def __reduce__(self):
+    return type(self), (str(self), self.flag)
 
 
 def _rng(seed: int, *path: int) -> np.random.Generator:
@@ -69,11 +81,11 @@ def _rng(seed: int, *path: int) -> np.random.Generator:
 def _as_int(value, flag: str | None, what: str) -> int:
   msg = f"{what} must be an integer, got {value!r}" + (f" ({flag})" if flag else "")
   if isinstance(value, (bool, np.bool_)):
-    raise PartitionError(msg)
+    raise PartitionError(msg, flag)
   try:
     return operator.index(value)
   except TypeError:
-    raise PartitionError(msg) from None
+    raise PartitionError(msg, flag) from None
 
 
 def _class_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -121,20 +133,21 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed
   n = len(labels)
   k = _as_int(num_clients, "--clients", "number of clients")
   if k < 1:
-    raise PartitionError(f"number of clients must be positive, got {k} (--clients)")
+    raise PartitionError(f"number of clients must be positive, got {k} (--clients)", "--clients")
   if k > n:
     raise PartitionError(f"{k} clients but only {n} training samples: "
-                         f"use at most {n} clients (--clients)")
+                         f"use at most {n} clients (--clients)", "--clients")
   if scheme not in PARTITIONS:
     raise PartitionError(f"unknown partition {scheme!r}: choose one of "
-                         f"{', '.join(PARTITIONS)} (--partition)")
+                         f"{', '.join(PARTITIONS)} (--partition)", "--partition")
   m = _as_int(min_client_size, "--min-client-size", "minimum client size")
   if m < 1:
-    raise PartitionError(f"minimum client size must be at least 1, got {m} (--min-client-size)")
+    raise PartitionError(f"minimum client size must be at least 1, got {m} (--min-client-size)",
+                         "--min-client-size")
   if k * m > n:
     raise PartitionError(f"{k} clients of at least {m} samples need {k * m} samples but there "
                          f"are only {n}: lower --min-client-size to at most {n // k} "
-                         f"or use fewer --clients")
+                         f"or use fewer --clients", "--min-client-size")
 
   if scheme == "iid":
     order = _rng(seed, _PARTITION_STREAM).permutation(n)
@@ -159,9 +172,11 @@ def _dirichlet(ids: np.ndarray, num_classes: int, k: int, alpha, m: int,
   try:
     a = float(alpha)
   except (TypeError, ValueError):
-    raise PartitionError(f"alpha must be a positive number, got {alpha!r} (--alpha)") from None
+    raise PartitionError(f"alpha must be a positive number, got {alpha!r} (--alpha)",
+                         "--alpha") from None
   if not (np.isfinite(a) and a > 0):
-    raise PartitionError(f"alpha must be a positive finite number, got {alpha!r} (--alpha)")
+    raise PartitionError(f"alpha must be a positive finite number, got {alpha!r} (--alpha)",
+                         "--alpha")
   n = len(ids)
   owner = np.empty(n, np.int64)
   pos = np.empty(n, np.int64)  # Position in the class's shuffled order.
@@ -206,11 +221,13 @@ def _shards(ids: np.ndarray, k: int, shards_per_client, rng: np.random.Generator
   s = _as_int(shards_per_client, "--shards-per-client", "shards per client")
   n = len(ids)
   if s < 1:
-    raise PartitionError(f"shards per client must be at least 1, got {s} (--shards-per-client)")
+    raise PartitionError(f"shards per client must be at least 1, got {s} (--shards-per-client)",
+                         "--shards-per-client")
   total = k * s
   if total > n:
     raise PartitionError(f"{k} clients x {s} shards = {total} shards but only {n} samples: "
-                         f"lower --shards-per-client to at most {n // k} or use fewer --clients")
+                         f"lower --shards-per-client to at most {n // k} or use fewer --clients",
+                         "--shards-per-client")
   shuffled = rng.permutation(n)
   by_label = shuffled[np.argsort(ids[shuffled], kind="stable")]
   # Shard j (in label order) belongs to client slot_owner[j].
@@ -234,15 +251,17 @@ def _classes(ids: np.ndarray, classes: np.ndarray, k: int, classes_per_client, m
   cpc = _as_int(classes_per_client, "--classes-per-client", "classes per client")
   if cpc < 1:
     raise PartitionError(f"classes per client must be at least 1, got {cpc} "
-                         f"(--classes-per-client)")
+                         f"(--classes-per-client)", "--classes-per-client")
   if cpc > num_classes:
     raise PartitionError(f"{cpc} classes per client but the labels hold only {num_classes} "
-                         f"classes: lower --classes-per-client to at most {num_classes}")
+                         f"classes: lower --classes-per-client to at most {num_classes}",
+                         "--classes-per-client")
   if k * cpc < num_classes:
     need = -(-num_classes // cpc)
     raise PartitionError(f"{k} clients x {cpc} classes cannot cover all {num_classes} classes, "
                          f"so some samples would have no client: raise --classes-per-client "
-                         f"to at least {-(-num_classes // k)} or use at least {need} --clients")
+                         f"to at least {-(-num_classes // k)} or use at least {need} --clients",
+                         "--classes-per-client")
   perm = rng.permutation(num_classes)
   # Client c holds perm[(c * cpc + i) % C] for i < cpc: distinct because cpc <= C.
   held = perm[(np.arange(k)[:, None] * cpc + np.arange(cpc)[None, :]) % num_classes]
@@ -250,9 +269,9 @@ def _classes(ids: np.ndarray, classes: np.ndarray, k: int, classes_per_client, m
   for c, idx in enumerate(_by_class(ids, num_classes)):
     holders = np.flatnonzero((held == c).any(axis=1))
     if len(idx) < len(holders):
-      raise PartitionError(f"class {classes[c]!r} has {len(idx)} samples but "
+      raise PartitionError(f"class {classes[c].item()!r} has {len(idx)} samples but "
                            f"{len(holders)} clients hold it: lower --classes-per-client or "
-                           f"use fewer --clients")
+                           f"use fewer --clients", "--classes-per-client")
     pieces = np.array_split(rng.permutation(idx), len(holders))
     for h, piece in zip(holders, pieces):
       owner[piece] = h
@@ -260,7 +279,7 @@ def _classes(ids: np.ndarray, classes: np.ndarray, k: int, classes_per_client, m
   if smallest < m:
     raise PartitionError(f"the classes partition gives a client only {smallest} samples, "
                          f"fewer than {m}: lower --min-client-size, use fewer --clients or "
-                         f"more --classes-per-client")
+                         f"more --classes-per-client", "--min-client-size")
   return owner
 
 

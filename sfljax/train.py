@@ -175,6 +175,13 @@ class Experiment:
     # so an oversized --batch-size costs no padding (memory, time).
     self.batch_size = int(min(config.batch_size, max(1, int(np.max(self.client_data.counts)))))
     self._steps = data.steps_per_epoch(self.client_data.counts, self.batch_size)
+    slots = self.client_data.num_clients * config.local_epochs * self._steps * self.batch_size
+    if slots > _MAX_SLOTS:   # The round's batch schedule alone would not fit in memory.
+      raise ConfigError("--local-epochs" if config.local_epochs > 1 else "--clients",
+                        f"a round would schedule {slots:,} sample slots ({config.clients} "
+                        f"clients x {config.local_epochs} local epochs x {self._steps} steps x "
+                        f"batch {self.batch_size}); at most {_MAX_SLOTS:,} fit: lower "
+                        "--local-epochs or --clients")
     self.algorithm = self._algorithm(algorithm, client_optimizer, server_optimizer)
     self.cuts = getattr(self.algorithm, "cuts", ())
     self._finish_init()
@@ -633,6 +640,9 @@ class Experiment:
     self.final_state = state  # The last round's state, for inspection after run().
     return history
 
+
+_MAX_SLOTS = 2 ** 31
+"""The most sample slots (clients x local epochs x steps x batch) a round may schedule."""
 
 _HARMLESS_FIELDS = frozenset({"eval_batch_size"})
 """Config fields that may differ between a checkpoint and the run restoring it."""

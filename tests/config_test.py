@@ -78,7 +78,9 @@ def test_every_flag_parses_to_the_constructed_config():
           "--no-augment", "--strategy", "sequential", "--step-loop", "python",
           "--eval-batch-size", "64", "--client-fraction", "0.5", "--client-block", "2",
           "--precision", "bf16", "--devices", "1", "--client-aggregation", "none",
-          "--server-side", "shared", "--schedule", "client_major", "--out", "/tmp/x", "--quiet"]
+          "--server-side", "shared", "--schedule", "client_major", "--dropout-rate", "0.2",
+          "--dropout-point", "before_upload", "--on-nonfinite", "skip", "--out", "/tmp/x",
+          "--quiet"]
   want = Config(algorithm="sflv2", model="alexnet", cut="conv1,fc2", norm="group", dropout=0.25,
                 dataset="mnist", data_dir="/d", clients=7, rounds=3, local_epochs=2,
                 batch_size=16, optimizer="sgd", client_optimizer="adamw",
@@ -89,7 +91,8 @@ def test_every_flag_parses_to_the_constructed_config():
                 seed=11, augment=False, strategy="sequential", step_loop="python",
                 eval_batch_size=64, client_fraction=0.5, client_block=2, precision="bf16",
                 devices=1, client_aggregation="none", server_side="shared",
-                schedule="client_major")
+                schedule="client_major", dropout_rate=0.2, dropout_point="before_upload",
+                on_nonfinite="skip")
   assert _parse(argv) == want
   default = Config()
   untouched = [f.name for f in dataclasses.fields(Config) if f.metadata.get("cli", True)

@@ -203,3 +203,10 @@ def test_oversized_batch_is_clamped_to_the_largest_client(tmp_path):
   cfg = json.load(open(os.path.join(out, "config.json")))
   assert cfg["resolved"]["batch_size"] == max(cfg["resolved"]["client_sizes"])
   assert cfg["config"]["batch_size"] == 100000
+
+
+def test_a_round_too_large_for_memory_is_refused_up_front(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert main(FAST + ["--local-epochs", "100000000", "--out", str(out)]) == 2
+  assert "sample slots" in _one_error_line(capsys, "--local-epochs")
+  assert not out.exists()

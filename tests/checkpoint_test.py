@@ -1,0 +1,90 @@
+"""Experiment.save / restore and load_model: the Python side of checkpoints."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_digits
+from sfljax import apply_part, checkpoint
+from sfljax.config import Config
+from sfljax.train import Experiment
+
+
+def _cfg(**kw):
+  base = dict(algorithm="sflv3", clients=3, rounds=3, batch_size=16, seed=4)
+  base.update(kw)
+  return Config(**base)
+
+
+def _leaves(tree):
+  return [np.asarray(a) for a in jax.tree.leaves(tree)]
+
+
+def test_restore_continues_bit_for_bit_in_a_new_experiment(tmp_path):
+  ds = small_digits()
+  exp = Experiment(_cfg(), dataset=ds)
+  state = exp.init()
+  state, _ = exp.step(state)
+  path = str(tmp_path / "ckpt")
+  exp.save(state, path)
+  ahead, m_ahead = exp.step(state)
+
+  other = Experiment(_cfg(), dataset=ds)   # A new process would build exactly this.
+  restored = other.restore(path)
+  assert restored.round == 1
+  for a, b in zip(_leaves(restored.algo), _leaves(state.algo)):
+    np.testing.assert_array_equal(a, b)
+  again, m_again = other.step(restored)
+  for a, b in zip(_leaves(again.algo), _leaves(ahead.algo)):
+    np.testing.assert_array_equal(a, b)
+  assert m_again["train_loss"] == m_ahead["train_loss"]
+  assert m_again["client_test_accuracy"] == m_ahead["client_test_accuracy"]
+
+
+def test_keep_bounds_the_rounds_on_disk(tmp_path):
+  exp = Experiment(_cfg(algorithm="sflv1"), dataset=small_digits())
+  state = exp.init()
+  path = str(tmp_path / "ckpt")
+  for _ in range(3):
+    state, _ = exp.step(state)
+    exp.save(state, path, keep=2)
+  assert checkpoint.Checkpoints(path).rounds() == [2, 3]
+  assert exp.restore(path, 2).round == 2
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint of round 1"):
+    exp.restore(path, 1)
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
+  ds = small_digits()
+  exp = Experiment(_cfg(algorithm="sflv1"), dataset=ds)
+  state, _ = exp.step(exp.init())
+  path = str(tmp_path / "ckpt")
+  exp.save(state, path)
+  with pytest.raises(checkpoint.CheckpointError, match="lr=0.001"):
+    Experiment(_cfg(algorithm="sflv1", lr=0.01), dataset=ds).restore(path)
+  # Another structure (per-client client parts) cannot be read into this state either.
+  with pytest.raises(checkpoint.CheckpointError):
+    Experiment(_cfg(algorithm="sflv3"), dataset=ds).restore(path)
+  with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
+    exp.restore(str(tmp_path / "empty"))
+
+
+def test_load_model_predicts_like_the_trained_global_model(tmp_path):
+  """The saved global model, loaded from the run directory alone, gives the
+  accuracy the experiment measured for it."""
+  from sfljax.cli import main
+  out = str(tmp_path / "run")
+  assert main(["train", "--clients", "3", "--rounds", "2", "--batch-size", "64", "--quiet",
+               "--out", out]) == 0
+  model, variables = checkpoint.load_model(out)
+  cfg = Config(clients=3, rounds=2, batch_size=64)
+  exp = Experiment(cfg)
+  logits, _ = apply_part(model.full(), variables, exp.dataset.x_test, train=False)
+  acc = float(np.mean(np.argmax(np.asarray(logits), -1) == exp.dataset.y_test))
+  import json
+  last = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
+  assert acc == pytest.approx(last["test_accuracy"], abs=1e-12)
+  with pytest.raises(checkpoint.CheckpointError, match="config.json"):
+    checkpoint.load_model(str(tmp_path))
