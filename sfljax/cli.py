@@ -320,7 +320,11 @@ def _train_in(args, cfg, exp, run) -> int:
   tb = None
   try:
     from sfljax import tensorboard
-    tb = tensorboard.ScalarLog(run.path, after_round=state.round)
+    try:
+      tb = tensorboard.ScalarLog(run.path, after_round=state.round)
+    except ImportError:   # A machine without tensorboardX (e.g. an offline accelerator image).
+      print("sfljax: tensorboardX is not installed: no TensorBoard files (metrics.jsonl has "
+            "every round)", file=sys.stderr)
     with open(run.file(rundir.METRICS), "a") as f:
       exp.compile(state)
       while state.round < cfg.rounds:
@@ -332,7 +336,8 @@ def _train_in(args, cfg, exp, run) -> int:
                       "--on-nonfinite skip", 3) from None
         history.append(m)
         run.append_metrics(f, m)
-        tb.write(m)
+        if tb is not None:
+          tb.write(m)
         progress.update(m)
         run.started()
         every = args.checkpoint_every

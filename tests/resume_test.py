@@ -57,6 +57,11 @@ def _metrics(run):
   return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
+def _lines(run):
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    return f.read().splitlines()
+
+
 def _final(run):
   """The newest checkpoint's whole state and global model, as numpy leaves."""
   ckpt = checkpoint.Checkpoints(os.path.join(run, "checkpoints"))
@@ -125,9 +130,13 @@ def test_sigkill_then_resume_is_bit_exact(case, references, tmp_path):
   run = str(tmp_path / "run")
   done = _kill_after(BASE + extra, run, lines=3)
   assert done >= 3
+  kept = checkpoint.Checkpoints(os.path.join(run, "checkpoints")).latest()
+  before = _lines(run)
   proc = _train("--resume", run)
   assert "Traceback" not in proc.stderr
   _same_run(ref, run)
+  # It resumed (did not start over): the checkpointed rounds' lines, timings included, are kept.
+  assert kept >= 2 and _lines(run)[:kept] == before[:kept]
 
 
 def test_kill_during_a_save_resumes_from_the_previous_checkpoint(references, tmp_path):
