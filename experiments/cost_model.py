@@ -19,7 +19,28 @@ For a dataset/model/cut it
      SFLV1  T + 2pq/(K R) + 2 beta |W| / R + T_fedavg
      SFLV2  T + 2pq/(K R) + 2 beta |W| / R + T_fedavg / 2
 
-   for each number of clients K and link rate R (bytes/s), and plots them.
+   for each number of clients K and link rate R (bytes/s), and plots them;
+
+5. with stragglers (``--straggler-spread S > 0``), gives every client k a
+   compute slowdown c_k and a link slowdown l_k (its rate is R / l_k), both
+   lognormal with median 1 and log-spread S, drawn from ``--straggler-seed``
+   (client k's pair depends only on the seed and k, so the first clients are
+   the same for every K). Synchronous schedules (FL, SFLV1, SFLV2 in the
+   paper's order) wait for the slowest participant, client-major ones (SL,
+   SFLV2 in the official code's client order) add the clients' turns:
+
+     FL            max_k [c_k T + 2|W| l_k/R] + T_fedavg
+     SFLV1         max_k [c_k T + 2pq l_k/(K R) + 2 beta |W| l_k/R] + T_fedavg
+     SFLV2         max_k [same] + T_fedavg / 2
+     SL            sum_k [c_k T/K + 2pq l_k/(K R) + 2 beta |W| l_k/R]
+     SFLV2 client  sum_k [c_k T/K + 2pq l_k/(K R)] + max_k [2 beta |W| l_k/R] + T_fedavg / 2
+
+   A client's compute slowdown scales the paper's whole compute term of its
+   path (T for the parallel schedules, its turn's share T/K for the
+   client-major ones), server part included: the measured T does not split
+   client from server compute. Spread 0 (the default) gives c = l = 1 and
+   reproduces the formulas of 4. exactly (SFLV2 client order, not in the
+   paper's Table 2: T + 2pq/R + 2 beta |W|/R + T_fedavg/2).
 
   python experiments/cost_model.py --dataset fashion_mnist \
       --data-dir /usr/share/datasets/fashion-mnist --out experiments/results/cost_model
@@ -90,12 +111,49 @@ def measure_times(model: models.SplitModel, ds: data.Dataset, batch: int, client
   return {"T": t_full, "T_per_sample": per_batch / batch, "T_fedavg": t_fedavg}
 
 
-def predict(s: dict, p: int, k: int, rate: float, t: float, t_fedavg: float) -> dict:
+ALGORITHMS = ("fl", "sl", "sflv1", "sflv2", "sflv2_client")
+"""The predicted schedules (``sflv2_client``: SFLV2 in the official code's client order)."""
+
+
+def stragglers(k: int, spread: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Clients 0..k-1's compute and link slowdowns, ``([k], [k])`` float64.
+
+  Each is ``exp(spread * z)`` with z standard normal (lognormal, median 1),
+  client i's pair drawn from ``(seed, i)`` alone. Spread 0: all exactly 1.
+  """
+  if spread < 0:
+    raise ValueError(f"spread: must be >= 0, got {spread}")
+  z = np.array([np.random.default_rng([int(seed), i]).standard_normal(2) for i in range(k)],
+               np.float64).reshape(k, 2)
+  factors = np.exp(float(spread) * z)
+  return factors[:, 0], factors[:, 1]
+
+
+def predict(s: dict, p: int, k: int, rate: float, t: float, t_fedavg: float,
+            compute=None, link=None) -> dict:
+  """Seconds per global epoch of every schedule in :data:`ALGORITHMS`.
+
+  ``compute``, ``link``: the K clients' slowdowns (:func:`stragglers`;
+  None: all 1, Table 2 exactly). Synchronous schedules take the slowest
+  client's time, client-major ones the sum of the clients' turns (module
+  docstring).
+  """
   w, bw, q = s["W"], s["betaW"], s["q"]
-  return {"fl": t + 2 * w / rate + t_fedavg,
-          "sl": t + 2 * p * q / rate + 2 * bw * k / rate,
-          "sflv1": t + 2 * p * q / (k * rate) + 2 * bw / rate + t_fedavg,
-          "sflv2": t + 2 * p * q / (k * rate) + 2 * bw / rate + t_fedavg / 2}
+  c = np.ones(k) if compute is None else np.asarray(compute, np.float64)
+  ln = np.ones(k) if link is None else np.asarray(link, np.float64)
+  if c.shape != (k,) or ln.shape != (k,):
+    raise ValueError(f"compute, link: need one slowdown per client ({k}), got "
+                     f"{c.shape} and {ln.shape}")
+  # With c = l = 1 every expression below is, operation for operation, Table 2's
+  # (x * 1.0 and the max or mean of equal values are exact).
+  split_sync = float(np.max(c * t + 2 * p * q * ln / (k * rate) + 2 * bw * ln / rate))
+  return {"fl": float(np.max(c * t + 2 * w * ln / rate)) + t_fedavg,
+          "sl": (t * float(np.mean(c)) + 2 * p * q * float(np.mean(ln)) / rate
+                 + 2 * bw * k * float(np.mean(ln)) / rate),
+          "sflv1": split_sync + t_fedavg,
+          "sflv2": split_sync + t_fedavg / 2,
+          "sflv2_client": (t * float(np.mean(c)) + 2 * p * q * float(np.mean(ln)) / rate
+                           + float(np.max(2 * bw * ln / rate)) + t_fedavg / 2)}
 
 
 def main(argv=None):
@@ -108,6 +166,10 @@ def main(argv=None):
   ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50, 100])
   ap.add_argument("--rates", type=float, nargs="+", default=[1e6, 1e7, 1e8, 1e9],
                   help="link rates R in bytes per second")
+  ap.add_argument("--straggler-spread", type=float, default=0.0,
+                  help="log-spread of the clients' lognormal compute and link slowdowns "
+                       "(0: identical clients, Table 2)")
+  ap.add_argument("--straggler-seed", type=int, default=0)
   ap.add_argument("--out", default="experiments/results/cost_model")
   args = ap.parse_args(argv)
 
@@ -141,17 +203,19 @@ def main(argv=None):
   rows = []
   for rate in args.rates:
     for k in args.clients:
-      pred = predict(s, p, k, rate, times["T"], times["T_fedavg"][k])
+      compute, link = stragglers(k, args.straggler_spread, args.straggler_seed)
+      pred = predict(s, p, k, rate, times["T"], times["T_fedavg"][k], compute, link)
       rows.append({"rate": rate, "clients": k, **pred})
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "cost_model.json"), "w") as f:
     json.dump({"settings": vars(args), "sizes": s, "p": p, "times": times,
                "byte_checks": checks, "predictions": rows, "backend": jax.default_backend()},
               f, indent=2)
-  lines = ["| R (MB/s) | K | FL s | SL s | SFLV1 s | SFLV2 s |", "| --- | --- | --- | --- | --- | --- |"]
+  lines = ["| R (MB/s) | K | FL s | SL s | SFLV1 s | SFLV2 s | SFLV2 (client order) s |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     lines.append(f"| {r['rate'] / 1e6:g} | {r['clients']} | {r['fl']:.2f} | {r['sl']:.2f} | "
-                 f"{r['sflv1']:.2f} | {r['sflv2']:.2f} |")
+                 f"{r['sflv1']:.2f} | {r['sflv2']:.2f} | {r['sflv2_client']:.2f} |")
   with open(os.path.join(args.out, "cost_model.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -163,7 +227,7 @@ def main(argv=None):
   for i, rate in enumerate(args.rates):
     ax = fig.add_subplot(1, len(args.rates), i + 1)
     sub = [r for r in rows if r["rate"] == rate]
-    for alg in ("fl", "sl", "sflv1", "sflv2"):
+    for alg in ALGORITHMS:
       ax.plot([r["clients"] for r in sub], [r[alg] for r in sub], marker="o", label=alg)
     ax.set_xscale("log")
     ax.set_yscale("log")

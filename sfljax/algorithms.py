@@ -49,6 +49,46 @@ optimizer takes one update per step of that client (``steps`` per local
 epoch); a server replica one per step of its client; a shared server one per
 client batch, i.e. K times as many per round as one client.
 
+Failed participants (:attr:`RoundInputs.reported` False; the host draws
+them, :mod:`sfljax.faults`): a failed participant's client-side result never
+reaches the fed server.
+
+* FedAvg of client parts (``fedavg`` aggregation, FL's whole models) and the
+  averaging of server replicas (``replicas``, SFLV1/SFLV3) are re-weighted
+  over the reporting participants only: weights ``n_k * reported_k``,
+  normalised over the reporters.
+* A failed participant's per-client state rows stay as they were at the
+  round's start: its own client part (``none`` aggregation, SFLV3), its
+  client optimizer state (FL: its optimizer state), its server replica's
+  optimizer state.
+* A relayed client model (``relay``, SL) is snapshotted at the start of
+  every client's turn and restored at the end of a failed client's turn: its
+  client-side updates are discarded and the next client starts from the
+  model the previous client handed on.
+* A shared server (``shared``, SFLV2/SL) keeps the updates it made from a
+  failed client's batches that reached it (the host masks out the batches
+  after the failure); its optimizer state likewise.
+* If no participant reports, every aggregated part (the global client part
+  under ``fedavg``, the relayed model -- which no client then changed --,
+  the averaged server replicas, FL's global model) stays as it was at the
+  round's start (no 0/0).
+
+``reported=None`` means everyone reported: the program is exactly the one
+without failures.
+
+Non-finite steps (``skip_nonfinite=True``): every optimizer step -- a
+client's, the server's (each replica's or the shared server's, per client
+batch) and FL's local steps -- is applied only if the batch's loss and the
+gradients (and the updated BatchNorm statistics) of that side are all
+finite; the server side checks the loss and its own gradients (U-shaped:
+the client's verdict on its loss, as a flag sent with the cotangent), the
+client side the loss, its gradients and the server side's verdict, so a
+batch that is non-finite anywhere moves neither side. A dropped step's loss, correct
+count and sample count are left out of the round's stats, and the stats'
+``nonfinite`` counts the participant's dropped steps. A participant with any
+dropped step in a round counts as not reported (above): its client update
+for the round is dropped. Off (the default), no check is compiled.
+
 All functions are pure: state in, state out; the client axis of every
 per-client quantity is the leading one.
 """
@@ -63,7 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfljax import comm, fedavg, optimizers, sides, state as state_lib
+from sfljax import comm, fedavg, optimizers, sides, split as split_lib, state as state_lib
 from sfljax.execution import ClientExecutor
 from sfljax.models import SplitModel
 from sfljax.split import (BatchStats, Loss, apply_with_state, full_forward_backward, keep_if,
@@ -109,6 +149,19 @@ class RoundInputs(NamedTuple):
   clients: [M] int32 or None. With partial participation the round's M
   participants: rows of ``x``/``y`` and of every per-client state. None:
   all K clients take part, in order.
+  reported: [M] bool or None, one per participant (row order of ``idx``).
+  False: the participant failed this round and its client-side result never
+  reaches the fed server: FedAvg of client parts and the averaging of server
+  replicas are re-weighted over the reporters (weights ``n_k * reported``,
+  normalised over them); its per-client state rows (own client part,
+  client optimizer state, server replica's optimizer state) stay as they
+  were at the round's start; under a relayed client model its turn's
+  client-side updates are discarded (the next client starts from the model
+  it was handed); a shared server keeps the updates it made from the
+  batches of it that reached the server (mask out the batches after the
+  failure on the host: :func:`sfljax.faults.apply`). If nobody reports, the
+  aggregated parts stay as they were at the round's start. None: everyone
+  reported (the program without failure handling).
   """
   x: jax.Array
   y: jax.Array
@@ -119,6 +172,7 @@ class RoundInputs(NamedTuple):
   client_order: jax.Array
   key: jax.Array
   clients: jax.Array | None = None
+  reported: jax.Array | None = None
 
 
 @runtime_checkable
@@ -175,8 +229,23 @@ def _keys(inp: RoundInputs, ids, t, needed: bool) -> sides.Keys:
   return sides.Keys(client=fold(1), server=fold(2), tail=fold(3))
 
 
-def _zeros_stats(num_clients: int) -> BatchStats:
-  return BatchStats.zeros((num_clients,))
+def _zeros_stats(num_clients: int, nonfinite: bool = False) -> BatchStats:
+  """A round's zero stats; ``nonfinite``: with the counter (else None until ``end``)."""
+  return BatchStats.zeros((num_clients,), nonfinite=nonfinite)
+
+
+def _handles_faults(alg, inp: RoundInputs) -> bool:
+  """Static: does this round need failure handling (reported given, or skipping)?"""
+  return inp.reported is not None or alg.skip_nonfinite
+
+
+def _reporters(alg, inp: RoundInputs, stats: BatchStats):
+  """[M] bool: reported and (with ``skip_nonfinite``) no step dropped this round."""
+  ok = (jnp.ones(stats.count.shape, bool) if inp.reported is None
+        else jnp.asarray(inp.reported, bool))
+  if alg.skip_nonfinite:
+    ok = ok & (stats.nonfinite == 0)
+  return ok
 
 
 def _reset_each(opt, params, stacked_state):
@@ -202,6 +271,7 @@ class SplitFed:
   executor: ClientExecutor = ClientExecutor("vmap")
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   compute_dtype: Any = None   # e.g. jnp.bfloat16: mixed precision, float32 master weights
+  skip_nonfinite: bool = False  # drop steps with non-finite values (module docstring)
 
   def __post_init__(self):
     cuts = tuple(self.cuts) if not isinstance(self.cuts, int) else (self.cuts,)
@@ -278,16 +348,39 @@ class SplitFed:
     per_client = frozenset({"client_opt", "stats"}
                            | (set() if c.aggregation.handoff else {"client"})
                            | ({"server", "server_opt"} if c.server.per_client else set()))
-    return SplitCarry(client=c.aggregation.begin(view.client, m),
+    client = c.aggregation.begin(view.client, m)
+    start = handed = None
+    if _handles_faults(self, inp):
+      replicas = c.server.per_client
+      start = SplitState(view.client, view.server if replicas else None, view.client_opt,
+                         view.server_opt if replicas else None, per_client=view.per_client)
+      handed = client if c.aggregation.handoff else None
+    return SplitCarry(client=client,
                       server=c.server.begin(view.server, m), client_opt=copt,
-                      server_opt=view.server_opt, stats=_zeros_stats(m),
-                      stored=None if inp.clients is None else state, per_client=per_client)
+                      server_opt=view.server_opt, stats=_zeros_stats(m, self.skip_nonfinite),
+                      stored=None if inp.clients is None else state, start=start, handed=handed,
+                      per_client=per_client)
 
   def server_update(self, sv, so, sv_fwd, grads, active):
-    """The server's optimizer step after one client batch (skipped for padding)."""
+    """The server's optimizer step after one client batch (skipped for padding;
+    with ``skip_nonfinite`` also when its gradients or updated state are not finite)."""
+    if self.skip_nonfinite:
+      active = active & split_lib.all_finite(grads, split_lib._state(sv_fwd))
     sv_new, so_new = optimizer_step(self.server_optimizer, sv_fwd, so, grads,
                                     reset=self.policy.server_reset_each_step)
     return keep_if(active, (sv_new, so_new), (sv, so))
+
+  def checked_server_update(self, sv, so, sv_fwd, grads, active, stats: BatchStats):
+    """:meth:`server_update` for one client batch whose loss sums are ``stats``:
+    returns ``(sv, so, stats)``. With ``skip_nonfinite`` the step is taken only
+    if the loss, the gradients and the updated state are finite, and a dropped
+    batch's ``stats`` come back zeroed with ``nonfinite`` 1 (the client side
+    then drops its step too); otherwise exactly :meth:`server_update`."""
+    if not self.skip_nonfinite:
+      return (*self.server_update(sv, so, sv_fwd, grads, active), stats)
+    ok = jnp.isfinite(stats.loss_sum) & split_lib.all_finite(grads, split_lib._state(sv_fwd))
+    sv, so = self.server_update(sv, so, sv_fwd, grads, active & ok)
+    return sv, so, stats.dropped(ok, jnp.ones_like(ok))
 
   def step(self, carry: SplitCarry, inp: RoundInputs, t) -> SplitCarry:
     """Event ``t`` of the round (see :meth:`num_steps`)."""
@@ -311,25 +404,60 @@ class SplitFed:
       cv_new, co_new = optimizer_step(self.client_optimizer, cv_fwd, co, g)
       return keep_if(act, (cv_new, co_new), (cv_old, co))
 
-    cvars, copt = self.executor.map(client_one, cvars, cvars_fwd, copt, grads,
-                                    jnp.any(m, axis=-1))
+    active = jnp.any(m, axis=-1)
+    if self.skip_nonfinite:
+      # The server side's verdict (nonfinite 1: it dropped the batch) and the loss.
+      server_ok = jnp.isfinite(stats.loss_sum)
+      if stats.nonfinite is not None:
+        server_ok = server_ok & (stats.nonfinite == 0)
+
+      def client_checked(cv_old, cv_fwd, co, g, act, sok):
+        ok = sok & split_lib.all_finite(g, split_lib._state(cv_fwd))
+        return (*client_one(cv_old, cv_fwd, co, g, act & ok), ok)
+
+      cvars, copt, ok = self.executor.map(client_checked, cvars, cvars_fwd, copt, grads,
+                                          active, server_ok)
+      stats = stats.dropped(ok, active)
+    else:
+      cvars, copt = self.executor.map(client_one, cvars, cvars_fwd, copt, grads, active)
     client = fedavg.index(cvars, 0) if handoff else put(carry.client, cvars)
     server, server_opt = svars, sopt
     if c.server.per_client:
       server, server_opt = put(carry.server, svars), put(carry.server_opt, sopt)
+    new_stats = put(carry.stats, take(carry.stats) + stats)
+    handed = carry.handed
+    if handoff and carry.start is not None:
+      # The relayed model: snapshot at the start of each client's turn; a failed
+      # client's turn is undone at its end (the next client gets what it was handed).
+      first, last = c.schedule.turn(inp, t)
+      handed = fedavg.select(first, carry.client, carry.handed)
+      ok = _reporters(self, inp, new_stats)[rows[0]]
+      client = fedavg.select(last & ~ok, handed, client)
     return carry.replace(client=client, client_opt=put(carry.client_opt, copt), server=server,
-                         server_opt=server_opt, stats=put(carry.stats, take(carry.stats) + stats))
+                         server_opt=server_opt, stats=new_stats, handed=handed)
 
   def end(self, carry: SplitCarry, inp: RoundInputs) -> tuple[SplitState, BatchStats]:
     """Aggregation: returns ``(new_state, per-participant BatchStats [M])``."""
     c = self.composition
-    new = SplitState(client=c.aggregation.end(carry.client, inp.weights),
-                     server=c.server.end(carry.server, inp.weights),
-                     client_opt=carry.client_opt, server_opt=carry.server_opt,
-                     per_client=self._per_client)
+    stats = carry.stats.with_nonfinite()
+    if carry.start is None:
+      new = SplitState(client=c.aggregation.end(carry.client, inp.weights),
+                       server=c.server.end(carry.server, inp.weights),
+                       client_opt=carry.client_opt, server_opt=carry.server_opt,
+                       per_client=self._per_client)
+    else:
+      ok, start = _reporters(self, inp, stats), carry.start
+      server_opt = carry.server_opt
+      if c.server.per_client:
+        server_opt = fedavg.keep_rows(ok, server_opt, start.server_opt)
+      new = SplitState(
+          client=c.aggregation.end_reported(carry.client, inp.weights, ok, start.client),
+          server=c.server.end_reported(carry.server, inp.weights, ok, start.server),
+          client_opt=fedavg.keep_rows(ok, carry.client_opt, start.client_opt),
+          server_opt=server_opt, per_client=self._per_client)
     if carry.stored is not None:
       new = state_lib.scatter(carry.stored, inp.clients, new)
-    return new, carry.stats
+    return new, stats
 
   def round(self, state, inp: RoundInputs):
     """One global epoch in one program (steps under ``lax.fori_loop``)."""
@@ -378,6 +506,7 @@ class FedAvg:
   executor: ClientExecutor = ClientExecutor("vmap")
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   compute_dtype: Any = None
+  skip_nonfinite: bool = False  # drop local steps with non-finite values (module docstring)
 
   def init(self, variables, num_clients: int) -> FLState:
     opt = fedavg.broadcast(self.optimizer.init(variables["params"]), num_clients)
@@ -395,10 +524,11 @@ class FedAvg:
   def begin(self, state: FLState, inp: RoundInputs) -> FLCarry:
     m = inp.weights.shape[0]
     opt = state.opt if inp.clients is None else fedavg.index(state.opt, inp.clients)
+    start = FLState(state.model, opt) if _handles_faults(self, inp) else None
     if self.policy.client_reset_each_round:
       opt = _reset_each(self.optimizer, state.model["params"], opt)
-    return FLCarry(fedavg.broadcast(state.model, m), opt, _zeros_stats(m),
-                   None if inp.clients is None else state)
+    return FLCarry(fedavg.broadcast(state.model, m), opt, _zeros_stats(m, self.skip_nonfinite),
+                   None if inp.clients is None else state, start)
 
   def step(self, carry: FLCarry, inp: RoundInputs, t) -> FLCarry:
     module = self.model.full()
@@ -408,7 +538,12 @@ class FedAvg:
       grads, v_fwd, stats = full_forward_backward(module, v, xb, yb, mb, self.compute_dtype,
                                                   self.loss, key)
       v_new, o_new = optimizer_step(self.optimizer, v_fwd, o, grads)
-      v, o = keep_if(jnp.any(mb), (v_new, o_new), (v, o))
+      active = jnp.any(mb)
+      if self.skip_nonfinite:
+        ok = jnp.isfinite(stats.loss_sum) & split_lib.all_finite(grads, split_lib._state(v_fwd))
+        stats = stats.dropped(ok, active)
+        active = active & ok
+      v, o = keep_if(active, (v_new, o_new), (v, o))
       return v, o, stats
 
     x, y, m, ids = _batch(inp, t, self.executor, self.augment)
@@ -421,9 +556,17 @@ class FedAvg:
     return carry.replace(models=models, opt=opt, stats=carry.stats + st)
 
   def end(self, carry: FLCarry, inp: RoundInputs):
-    opt = carry.opt if carry.stored is None else fedavg.update_index(carry.stored.opt,
-                                                                     inp.clients, carry.opt)
-    return FLState(fedavg.weighted_average(carry.models, inp.weights), opt), carry.stats
+    stats = carry.stats.with_nonfinite()
+    opt = carry.opt
+    if carry.start is None:
+      model = fedavg.weighted_average(carry.models, inp.weights)
+    else:  # Failed participants: left out of the average, their optimizer rows kept.
+      ok = _reporters(self, inp, stats)
+      model = fedavg.reported_average(carry.models, inp.weights, ok, carry.start.model)
+      opt = fedavg.keep_rows(ok, opt, carry.start.opt)
+    if carry.stored is not None:
+      opt = fedavg.update_index(carry.stored.opt, inp.clients, opt)
+    return FLState(model, opt), stats
 
   def round(self, state, inp: RoundInputs):
     return fused_round(self, state, inp)
@@ -456,19 +599,21 @@ def composition(name: str, *, num_cuts: int = 1, sflv2_order: str = "paper") -> 
 def build(name: str | sides.Composition, model: SplitModel, *, cut=None, optimizer=None,
           client_optimizer=None, server_optimizer=None, executor=ClientExecutor("vmap"),
           policy: OptimizerPolicy = PERSISTENT, sflv2_order: str = "paper", augment=None,
-          compute_dtype=None, loss: Loss | None = None):
+          compute_dtype=None, loss: Loss | None = None, skip_nonfinite: bool = False):
   """The algorithm ``name`` (see :data:`ALGORITHMS`) or a composition, built.
 
   ``cut``: an int, a block name, or two of them (U-shaped); default the
   model's. ``optimizer`` serves both sides unless ``client_optimizer`` /
-  ``server_optimizer`` are given.
+  ``server_optimizer`` are given. ``skip_nonfinite``: drop optimizer steps
+  with non-finite values (see the module docstring).
   """
   client_optimizer = client_optimizer or optimizer
   server_optimizer = server_optimizer or optimizer
   if client_optimizer is None or server_optimizer is None:
     raise ValueError("optimizer: give an optax optimizer (or client_optimizer and "
                      "server_optimizer)")
-  common = dict(executor=executor, augment=augment, compute_dtype=compute_dtype, loss=loss)
+  common = dict(executor=executor, augment=augment, compute_dtype=compute_dtype, loss=loss,
+                skip_nonfinite=skip_nonfinite)
   if name == "fl":
     return FedAvg(model=model, optimizer=client_optimizer, policy=policy, **common)
   if name == "centralized":  # One optimizer for the whole run, never reset.

@@ -391,9 +391,10 @@ def fetch(tree):
 # -- what is sharded ---------------------------------------------------------
 
 def input_shardings(mesh: Mesh) -> RoundInputs:
-  """Per-client inputs (x, y, idx, mask, weights) sharded, orders and key replicated."""
+  """Per-client inputs (x, y, idx, mask, weights, reported) sharded, orders and key replicated."""
   c, r = _clients(mesh), _replicated(mesh)
-  return RoundInputs(x=c, y=c, idx=c, mask=c, weights=c, step_orders=r, client_order=r, key=r)
+  return RoundInputs(x=c, y=c, idx=c, mask=c, weights=c, step_orders=r, client_order=r, key=r,
+                     reported=c)
 
 
 class Shardings(NamedTuple):

@@ -22,6 +22,37 @@ def weighted_average(stacked, weights):
   return jax.tree.map(avg, stacked)
 
 
+def reported_average(stacked, weights, reported, fallback):
+  """FedAvg over the participants that reported: weights ``n_k * reported_k``,
+  normalised over the reporters.
+
+  ``reported``: [K] bool. A non-reporter's rows do not enter the sum at all
+  (a NaN there does not reach the average). When no participant reports
+  (the weights sum to 0) the result is ``fallback`` (a tree shaped like one
+  client's: the model the round started from), never 0/0. With every
+  participant reporting it equals :func:`weighted_average` bit for bit.
+  """
+  reported = jnp.asarray(reported, bool)
+  w = jnp.asarray(weights, jnp.float32) * reported.astype(jnp.float32)
+  total = jnp.sum(w)
+  anyone = total > 0
+  w = w / jnp.where(anyone, total, 1.0)
+
+  def avg(x, keep):
+    rows = jnp.where(jnp.reshape(reported, reported.shape + (1,) * (x.ndim - 1)), x,
+                     jnp.zeros_like(x))
+    return jnp.where(anyone, jnp.tensordot(w.astype(x.dtype), rows, axes=1), keep)
+
+  return jax.tree.map(avg, stacked, fallback)
+
+
+def keep_rows(ok, new, old):
+  """Row k of every leaf from ``new`` where ``ok[k]`` ([K] bool), else from ``old``."""
+  def pick(a, b):
+    return jnp.where(jnp.reshape(ok, ok.shape + (1,) * (a.ndim - 1)), a, b)
+  return jax.tree.map(pick, new, old)
+
+
 def broadcast(tree, num_clients: int):
   """Stacks K copies of ``tree`` along a new leading client axis."""
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree)

@@ -57,6 +57,12 @@ class ClientAggregation:
   ``begin(client, m)`` turns the stored client model(s) (already the
   participants' rows when ``per_client``) into the round's working model(s);
   ``end(working, weights)`` turns them back into what is stored.
+  ``end_reported(working, weights, reported, start)`` does the same when some
+  participants failed (``reported``: [M] bool; ``start``: the stored client
+  model(s) of the round's start, the participants' rows when ``per_client``);
+  it is called only when a round has failures to handle
+  (:attr:`sfljax.algorithms.RoundInputs.reported` or ``skip_nonfinite``), so
+  a side that does not implement it runs unchanged otherwise.
   """
   name: str = "custom"
   per_client: bool = False
@@ -67,6 +73,11 @@ class ClientAggregation:
 
   def end(self, working, weights):
     raise NotImplementedError
+
+  def end_reported(self, working, weights, reported, start):
+    raise NotImplementedError(
+        f"client aggregation {self.name!r} does not handle failed participants: implement "
+        "end_reported(working, weights, reported, start)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +91,21 @@ class FedAvgClients(ClientAggregation):
   def end(self, working, weights):
     return fedavg.weighted_average(working, weights)
 
+  def end_reported(self, working, weights, reported, start):
+    """FedAvg over the reporters only (weights n_k, normalised over them); the
+    round's starting model when nobody reports."""
+    return fedavg.reported_average(working, weights, reported, start)
+
 
 @dataclasses.dataclass(frozen=True)
 class RelayClients(ClientAggregation):
-  """One client model handed from client to client (vanilla SL)."""
+  """One client model handed from client to client (vanilla SL).
+
+  A failed client's updates are discarded during the round, at the end of
+  its turn (:class:`sfljax.algorithms.SplitFed` restores the model it was
+  handed), so the next client starts from what the previous one handed on;
+  the end of the round keeps the model as it is.
+  """
   name: str = "relay"
   handoff: bool = True
 
@@ -91,6 +113,9 @@ class RelayClients(ClientAggregation):
     return client
 
   def end(self, working, weights):
+    return working
+
+  def end_reported(self, working, weights, reported, start):
     return working
 
 
@@ -105,6 +130,10 @@ class OwnClients(ClientAggregation):
 
   def end(self, working, weights):
     return working
+
+  def end_reported(self, working, weights, reported, start):
+    """A failed participant's own client model stays as it was at the round's start."""
+    return fedavg.keep_rows(reported, working, start)
 
 
 FEDAVG = FedAvgClients()
@@ -128,7 +157,10 @@ class ServerSide:
   ``run(turn, sv, so, payload, order, executor)`` applies ``turn`` to every
   client of the group (``payload`` leaves lead with the group) and returns
   the new server variables, optimizer state and the stacked outputs in
-  group order.
+  group order. ``end_reported(working, weights, reported, start)``: ``end``
+  when some participants failed (``reported`` [M] bool, ``start`` the server
+  model of the round's start); called only when a round has failures to
+  handle.
   """
   name: str = "custom"
   per_client: bool = False
@@ -141,6 +173,11 @@ class ServerSide:
 
   def end(self, working, weights):
     raise NotImplementedError
+
+  def end_reported(self, working, weights, reported, start):
+    raise NotImplementedError(
+        f"server side {self.name!r} does not handle failed participants: implement "
+        "end_reported(working, weights, reported, start)")
 
   def run(self, turn: Turn, sv, so, payload, order, executor):
     raise NotImplementedError
@@ -158,6 +195,11 @@ class ServerReplicas(ServerSide):
   def end(self, working, weights):
     return fedavg.weighted_average(working, weights)
 
+  def end_reported(self, working, weights, reported, start):
+    """The reporters' replicas averaged (weights n_k, normalised over them);
+    the round's starting server model when nobody reports."""
+    return fedavg.reported_average(working, weights, reported, start)
+
   def run(self, turn, sv, so, payload, order, executor):
     del order  # Replicas are independent: every client at once.
     return executor.map(turn, sv, so, payload)
@@ -165,13 +207,21 @@ class ServerReplicas(ServerSide):
 
 @dataclasses.dataclass(frozen=True)
 class SharedServer(ServerSide):
-  """One server model, updated after each client's batch, clients in ``order``."""
+  """One server model, updated after each client's batch, clients in ``order``.
+
+  A failed participant's batches that reached the server were trained on:
+  the shared server keeps those updates (only the batches after the failure
+  are masked out, by the host, see :mod:`sfljax.faults`).
+  """
   name: str = "shared"
 
   def begin(self, server, num_participants):
     return server
 
   def end(self, working, weights):
+    return working
+
+  def end_reported(self, working, weights, reported, start):
     return working
 
   def run(self, turn, sv, so, payload, order, executor):
@@ -202,7 +252,10 @@ class Schedule:
   ``num_steps(m, t)``: events in a round for m participants with t steps
   each. ``event(inp, t)``: which participants (rows, [G]), which of their
   steps, and the shared server's order over the group ([G]) at event ``t``;
-  ``group_size(m)`` is G (a static number).
+  ``group_size(m)`` is G (a static number). ``turn(inp, t)``: for schedules
+  whose clients take turns, whether event ``t`` is the first and whether it
+  is the last of its client's turn (two scalar bools); a relayed client
+  model needs it to discard a failed client's turn.
   """
   name: str = "custom"
 
@@ -214,6 +267,9 @@ class Schedule:
 
   def event(self, inp, t):
     raise NotImplementedError
+
+  def turn(self, inp, t):
+    raise NotImplementedError(f"schedule {self.name!r} has no client turns")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +302,11 @@ class ClientMajor(Schedule):
     steps = inp.idx.shape[1]
     k = inp.client_order[t // steps]
     return k[None], t % steps, jnp.zeros((1,), jnp.int32)
+
+  def turn(self, inp, t):
+    steps = inp.idx.shape[1]
+    s = t % steps
+    return s == 0, s == steps - 1
 
 
 SYNCHRONOUS = Synchronous()
@@ -281,7 +342,7 @@ class ServerLabels:
     def turn(sv, so, p):
       a, yb, mb, act, key = p
       grads, d_a, sv_new, stats = self.server_step(server_mod, sv, a, yb, mb, dtype, alg.loss, key)
-      sv, so = alg.server_update(sv, so, sv_new, grads, act)
+      sv, so, stats = alg.checked_server_update(sv, so, sv_new, grads, act, stats)
       return sv, so, (d_a, stats)
 
     svars, sopt, (d_smashed, stats) = alg.composition.server.run(
@@ -317,7 +378,7 @@ class ClientLabels:
       out, vjp_fn, sv_fwd = self.server_forward(body, sv, a, mb, dtype, skey)
       tgrads, d_out, tv_new, stats = self.client_tail(tail, tv, out, yb, mb, dtype, alg.loss, tkey)
       grads, d_a = self.server_backward(vjp_fn, d_out)
-      sv, so = alg.server_update(sv, so, sv_fwd, grads, act)
+      sv, so, stats = alg.checked_server_update(sv, so, sv_fwd, grads, act, stats)
       return sv, so, (d_a, tgrads, split._state(tv_new), stats)
 
     svars, sopt, (d_smashed, tail_grads, tail_state, stats) = alg.composition.server.run(

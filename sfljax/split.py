@@ -53,18 +53,49 @@ def _state(variables: Variables) -> Variables:
 
 
 class BatchStats(NamedTuple):
-  """Sums over a batch's real samples (padding excluded)."""
+  """Sums over a batch's real samples (padding excluded).
+
+  ``nonfinite``: int32, how many of a participant's steps were dropped for
+  non-finite values (``skip_nonfinite``, see :mod:`sfljax.algorithms`); a
+  dropped step's loss, correct count and sample count are not summed. Inside
+  a round it may be None (not tracked: skipping is off); a round's stats
+  always carry it ([M], zeros when skipping is off).
+  """
   loss_sum: jax.Array
   correct: jax.Array
   count: jax.Array
+  nonfinite: jax.Array | None = None
 
   @classmethod
-  def zeros(cls, shape=()) -> "BatchStats":
+  def zeros(cls, shape=(), nonfinite: bool = True) -> "BatchStats":
+    """All zeros; ``nonfinite=False`` leaves the counter out (None)."""
     z = jnp.zeros(shape, jnp.float32)
-    return cls(z, z, z)
+    return cls(z, z, z, jnp.zeros(shape, jnp.int32) if nonfinite else None)
 
   def __add__(self, other):  # type: ignore[override]
-    return BatchStats(*(a + b for a, b in zip(self, other)))
+    return BatchStats(*(b if a is None else a if b is None else a + b
+                        for a, b in zip(self, other)))
+
+  def with_nonfinite(self) -> "BatchStats":
+    """These stats with a zero ``nonfinite`` counter if they have none."""
+    if self.nonfinite is not None:
+      return self
+    return self._replace(nonfinite=jnp.zeros(jnp.shape(self.count), jnp.int32))
+
+  def dropped(self, ok, active) -> "BatchStats":
+    """A step's stats where ``ok`` ([G] or scalar bool: its values were finite)
+    is False: sums zeroed, and ``nonfinite`` 1 where it had real samples
+    (``active``)."""
+    zero = lambda a: jnp.where(ok, a, jnp.zeros_like(a))  # noqa: E731
+    return BatchStats(zero(self.loss_sum), zero(self.correct), zero(self.count),
+                      (active & ~ok).astype(jnp.int32))
+
+
+def all_finite(*trees) -> jax.Array:
+  """Whether every floating-point leaf of ``trees`` is finite (a scalar bool)."""
+  checks = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(trees)
+            if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def cross_entropy(logits, labels, mask):

@@ -91,6 +91,13 @@ class SplitCarry:
   ``stats`` holds every participant's summed :class:`sfljax.split.BatchStats`;
   ``stored`` the state the round started from, when only some clients take
   part (their rows are written back into it), else None.
+  ``start``: only when the round handles failed participants (reported or
+  skipped non-finite steps), a :class:`SplitState` of the participants' rows
+  at the round's start (``client``, ``client_opt``; ``server`` and
+  ``server_opt`` for per-client server replicas, else None), which failed
+  participants' rows and nobody-reported aggregates fall back to; else None.
+  ``handed``: only then and for a relayed client model, the model the
+  current client was handed at the start of its turn; else None.
   """
   client: Any
   server: Any
@@ -98,6 +105,8 @@ class SplitCarry:
   server_opt: Any
   stats: Any
   stored: Any = None
+  start: Any = None
+  handed: Any = None
   per_client: frozenset = struct.field(pytree_node=False, default=frozenset())
 
 
@@ -111,10 +120,16 @@ class FLState:
 
 @struct.dataclass
 class FLCarry:
-  """FL inside a round: every participant's local model and optimizer state."""
+  """FL inside a round: every participant's local model and optimizer state.
+
+  ``start``: only when the round handles failed participants, an
+  :class:`FLState` of the global model and the participants' optimizer rows
+  at the round's start; else None.
+  """
   models: Any
   opt: Any
   stats: Any
   stored: Any = None
+  start: Any = None
   per_client: frozenset = struct.field(pytree_node=False,
                                        default=frozenset({"models", "opt", "stats"}))

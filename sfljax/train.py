@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfljax import algorithms, data, distributed, execution, models, optimizers, sides, split
+from sfljax import (algorithms, data, distributed, execution, faults, models, optimizers, sides,
+                    split)
 from sfljax.config import Config, ConfigError
 
 METRICS: dict[str, str] = {
@@ -55,6 +56,12 @@ METRICS: dict[str, str] = {
                      "metrics pull)",
     "eval_seconds": "the part of seconds spent evaluating the global model",
     "participants": "clients that took part in the round",
+    "reported": "participants whose client-side result reached the fed server (the others "
+                "failed, --dropout-rate, or had a non-finite step, --on-nonfinite skip); 0: "
+                "nobody reported and the global model is the previous round's",
+    "failed_clients": "ids of the participants that failed this round (--dropout-rate)",
+    "nonfinite_clients": "ids of the participants whose update was dropped for a NaN/Inf "
+                         "(--on-nonfinite skip)",
     "bytes_client_to_server": "bytes sent by all clients in the round (sum of the kinds below "
                               "that travel upwards)",
     "bytes_server_to_client": "bytes received by all clients in the round",
@@ -249,7 +256,8 @@ class Experiment:
           executor=self.executor, policy=algorithms.OPTIMIZER_POLICIES[cfg.optimizer_state],
           sflv2_order=cfg.sflv2_order,
           augment=data.augmentation(cfg.dataset) if cfg.augment else None,
-          compute_dtype=self.compute_dtype, loss=self.loss)
+          compute_dtype=self.compute_dtype, loss=self.loss,
+          skip_nonfinite=cfg.on_nonfinite == "skip")
     except sides.CompositionError as e:
       raise ConfigError("--algorithm", str(e)) from None
     except ValueError as e:
@@ -413,6 +421,10 @@ class Experiment:
     idx, mask = data.batch_schedule(counts, self.batch_size, seed=cfg.seed,
                                     round_index=round_index, local_epochs=cfg.local_epochs,
                                     client_ids=ids, steps=self._steps)
+    reported = None
+    if cfg.dropout_rate > 0:   # Client faults: a seeded draw per round (sfljax.faults).
+      drawn = faults.draw(cfg.seed, round_index, mask, cfg.dropout_rate, cfg.dropout_point)
+      mask, reported = faults.apply(mask, drawn, cfg.dropout_point), drawn.reported
     k, t = len(counts), idx.shape[1]
     rng = data.rng_for(cfg.seed, data._ORDER_STREAM, round_index)
     client_order = rng.permutation(k).astype(np.int32)
@@ -421,10 +433,12 @@ class Experiment:
     if ids is not None:
       return algorithms.RoundInputs(self._x, self._y, jnp.asarray(idx), jnp.asarray(mask),
                                     jnp.asarray(counts, jnp.float32), jnp.asarray(step_orders),
-                                    jnp.asarray(client_order), key, jnp.asarray(ids))
+                                    jnp.asarray(client_order), key, jnp.asarray(ids),
+                                    None if reported is None else jnp.asarray(reported))
     per_client = self._place_clients((idx, mask))
     orders = self._place((step_orders, client_order, key))
-    return algorithms.RoundInputs(self._x, self._y, *per_client, self._weights, *orders)
+    return algorithms.RoundInputs(self._x, self._y, *per_client, self._weights, *orders, None,
+                                  None if reported is None else self._place_clients(reported))
 
   @property
   def steps_per_round(self) -> int:
@@ -478,8 +492,11 @@ class Experiment:
   def train_round(self, state: RunState) -> tuple[RunState, dict[str, Any]]:
     """One global epoch without evaluation (its program compiles on the first call)."""
     ids = self.participants(state.round)
-    algo, stats = self._run_round(state.algo, self.round_inputs(state.round))
+    inputs = self.round_inputs(state.round)
+    algo, stats = self._run_round(state.algo, inputs)
     stats = distributed.fetch(stats)   # Once per round (all processes take part).
+    reported = (np.ones(len(stats.count), bool) if inputs.reported is None
+                else np.asarray(distributed.fetch(inputs.reported), bool))
     count = max(float(np.sum(stats.count)), 1.0)
     k = self.client_data.num_clients
     rows = np.arange(k) if ids is None else ids
@@ -490,10 +507,17 @@ class Experiment:
       if n > 0:
         loss[int(c)] = float(stats.loss_sum[row]) / n
         acc[int(c)] = float(stats.correct[row]) / n
+    bad = (np.zeros(len(rows), bool) if getattr(stats, "nonfinite", None) is None
+           else np.asarray(stats.nonfinite) > 0)
+    if not np.any(reported & ~bad):
+      algo = state.algo   # Nobody reported: the round changes nothing (server side included).
     return RunState(algo, state.round + 1), {
         "train_loss": float(np.sum(stats.loss_sum)) / count,
         "train_accuracy": float(np.sum(stats.correct)) / count,
-        "client_train_loss": loss, "client_train_accuracy": acc}
+        "client_train_loss": loss, "client_train_accuracy": acc,
+        "reported": int(np.sum(reported & ~bad)),
+        "failed_clients": [int(c) for c in rows[~reported]],
+        "nonfinite_clients": [int(c) for c in rows[bad]]}
 
   def evaluate(self, state, x=None, y=None) -> dict[str, float]:
     """The round's global model on the test set and on the clients' test shards.
@@ -564,8 +588,8 @@ class Experiment:
     if self.config.on_nonfinite == "stop":
       self.check_finite(new, metrics)
     metrics.update(self.evaluate(new))
-    if self.config.on_nonfinite == "stop" and not np.isfinite(metrics["test_loss"]):
-      raise NonFiniteError(new.round, "test loss")
+    if not np.isfinite(metrics["test_loss"]):   # No client update to drop: the model is broken.
+      raise NonFiniteError(new.round, "test loss of the global model")
     state = new
     t2 = time.perf_counter()
     metrics["seconds"] = t2 - t0

@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
@@ -39,6 +40,50 @@ def test_cost_model_sizes_checks_and_predictions(tmp_path):
     assert row["sflv2"] == pytest.approx(t + 2 * p * q / (k * r) + 2 * bw / r + tf / 2)
     assert row["fl"] == pytest.approx(t + 2 * w / r + tf)
   assert (out / "cost_model.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cost_model_stragglers_against_hand_computation():
+  s, p, rate, t, tf = {"W": 1000, "betaW": 100, "q": 40}, 600, 1e4, 2.0, 0.3
+  compute, link = [1.0, 2.0, 0.5], [1.0, 1.5, 4.0]
+  got = cost_model.predict(s, p, 3, rate, t, tf, compute, link)
+  # Synchronous: the slowest client's time. Client-major: the clients' turns added.
+  fl = [c * t + 2 * 1000 * lk / rate for c, lk in zip(compute, link)]
+  sync = [c * t + 2 * p * 40 * lk / (3 * rate) + 2 * 100 * lk / rate
+          for c, lk in zip(compute, link)]
+  turns = [c * t / 3 + 2 * (p / 3) * 40 * lk / rate for c, lk in zip(compute, link)]
+  assert got["fl"] == pytest.approx(max(fl) + tf)
+  slow = cost_model.predict(s, p, 3, 100.0, t, tf, compute, link)["fl"]   # link-bound
+  assert slow == pytest.approx(max(c * t + 2 * 1000 * lk / 100.0 for c, lk in zip(compute, link))
+                               + tf)
+  assert got["sflv1"] == pytest.approx(max(sync) + tf)
+  assert got["sflv2"] == pytest.approx(max(sync) + tf / 2)
+  assert got["sl"] == pytest.approx(sum(turns) + sum(2 * 100 * lk / rate for lk in link))
+  assert got["sflv2_client"] == pytest.approx(sum(turns) + max(2 * 100 * lk / rate
+                                                               for lk in link) + tf / 2)
+  # Here the slowest client is client 2 (its link), not client 1 (its compute).
+  assert got["sflv1"] == pytest.approx(sync[2] + tf) and sync[2] > sync[1]
+  # Spread 0: identical clients and Table 2's formulas, exactly.
+  c0, l0 = cost_model.stragglers(5, 0.0, seed=3)
+  assert (c0 == 1).all() and (l0 == 1).all()
+  w, bw, q, k = 1000, 100, 40, 5
+  for pred in (cost_model.predict(s, p, k, rate, t, tf),
+               cost_model.predict(s, p, k, rate, t, tf, c0, l0)):
+    assert pred == {"fl": t + 2 * w / rate + tf,
+                    "sl": t + 2 * p * q / rate + 2 * bw * k / rate,
+                    "sflv1": t + 2 * p * q / (k * rate) + 2 * bw / rate + tf,
+                    "sflv2": t + 2 * p * q / (k * rate) + 2 * bw / rate + tf / 2,
+                    "sflv2_client": t + 2 * p * q / rate + 2 * bw / rate + tf / 2}
+  # Seeded, per client: the first clients are the same whatever K; spread widens them.
+  c5, l5 = cost_model.stragglers(5, 0.5, seed=3)
+  c3, l3 = cost_model.stragglers(3, 0.5, seed=3)
+  assert (c5[:3] == c3).all() and (l5[:3] == l3).all() and (c5 == cost_model.stragglers(
+      5, 0.5, seed=3)[0]).all()
+  assert not (c5 == cost_model.stragglers(5, 0.5, seed=4)[0]).any()
+  assert not (c5 == l5).any()                  # compute and link drawn apart
+  wide = cost_model.stragglers(5, 1.0, seed=3)[0]
+  np.testing.assert_allclose(np.log(wide), 2 * np.log(c5))
+  assert cost_model.predict(s, p, 5, rate, t, tf, c5, l5)["sflv1"] > cost_model.predict(
+      s, p, 5, rate, t, tf)["sflv1"] or max(c5) <= 1
 
 
 def test_table5_report_best_and_final(tmp_path):
