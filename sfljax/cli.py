@@ -197,9 +197,9 @@ def _resume_config(args, argv):
   """The Config stored in the run being resumed; flags that would change it are refused."""
   from sfljax.config import Config, ConfigError
   from sfljax import rundir
-  flags = [a.option_strings[0] for a in _parser()._subparsers._group_actions[0]
-           .choices["train"]._actions if a.option_strings]
-  given = [f for f in rundir.given_flags(argv, flags) if f not in RESUME_FLAGS + ("--help",)]
+  # Flags are spelled out in full (no abbreviations: allow_abbrev=False).
+  given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--")
+           and a.split("=", 1)[0] not in RESUME_FLAGS]
   if given:
     raise UsageError(f"{given[0]}: cannot be given with --resume (the run continues with the "
                      f"settings in {os.path.join(args.resume, 'config.json')}); drop it")
@@ -247,7 +247,11 @@ def _train(args, argv) -> int:
     from sfljax.train import Experiment
     exp = Experiment(cfg, dataset=_load(cfg))
     if not writer:  # Other processes of a multi-host run compute; process 0 writes.
-      exp.run()
+      from sfljax.train import NonFiniteError
+      try:
+        exp.run()
+      except NonFiniteError:
+        return 3      # Process 0 says why.
       return 0
     if run is None:
       run = rundir.RunDir.claim(args.out, args.overwrite)

@@ -281,14 +281,3 @@ class RunDir:
     f.write(dumps(row) + "\n")
     f.flush()
     os.fsync(f.fileno())
-
-
-def given_flags(argv: Iterable[str], flags: Iterable[str]) -> list[str]:
-  """The flags among ``flags`` that appear in ``argv`` (as ``--f`` or ``--f=v``)."""
-  wanted = set(flags)
-  out = []
-  for a in argv:
-    name = a.split("=", 1)[0]
-    if name in wanted and name not in out:
-      out.append(name)
-  return out

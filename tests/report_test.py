@@ -185,6 +185,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_writes_a_png(runs, tmp_path):
+  matplotlib = pytest.importorskip("matplotlib")
   import matplotlib.image
   out = str(tmp_path / "compare.png")
   assert report.plot_runs(report.load_runs(runs), out) == out

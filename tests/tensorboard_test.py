@@ -15,6 +15,8 @@ import pytest
 
 from sfljax import tensorboard as tb
 
+pytest.importorskip("tensorboardX")   # A dependency; absent on the offline accelerator image.
+
 # -- an independent reader ---------------------------------------------------------------
 
 _CRC_TABLE = []
