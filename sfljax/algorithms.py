@@ -148,7 +148,9 @@ class RoundInputs(NamedTuple):
   the same keys whatever the algorithm.
   clients: [M] int32 or None. With partial participation the round's M
   participants: rows of ``x``/``y`` and of every per-client state. None:
-  all K clients take part, in order.
+  all K clients take part, in order. With the clients sharded over D devices
+  the participants on device d (rows ``d*M/D ..``) must be clients of its
+  own block of K/D (:func:`sfljax.data.sample_clients` with ``strata=D``).
   reported: [M] bool or None, one per participant (row order of ``idx``).
   False: the participant failed this round and its client-side result never
   reaches the fed server: FedAvg of client parts and the averaging of server
@@ -204,7 +206,9 @@ def _batch(inp: RoundInputs, t, executor: ClientExecutor, augment=None, rows=Non
   """Participants' batch ``t`` (all, or the rows ``rows``): x [G, B, ...], y, mask [G, B].
 
   With every client taking part the gather runs per client on the device that
-  holds the client (``executor.vmap``), so a sharded run moves no data here.
+  holds the client (``executor.vmap``), so a sharded run moves no data here;
+  with partial participation each device reads its own participants' batches
+  (``executor.on_rows``).
   """
   ids = _client_ids(inp)
   idx, mask = inp.idx[:, t], inp.mask[:, t]
@@ -212,6 +216,10 @@ def _batch(inp: RoundInputs, t, executor: ClientExecutor, augment=None, rows=Non
     ids, idx, mask = ids[rows], idx[rows], mask[rows]
   if inp.clients is None and rows is None:
     x, y = executor.vmap(lambda xs, ys, i: (xs[i], ys[i]), inp.x, inp.y, idx)
+  elif rows is None:   # The participants' batches, each read where its client's data lives.
+    x, y = executor.on_rows(
+        lambda data, c, i: jax.vmap(lambda c, i: (data[0][c][i], data[1][c][i]))(c, i),
+        (inp.x, inp.y), ids, idx)
   else:
     x = jax.vmap(lambda c, i: inp.x[c][i])(ids, idx)
     y = jax.vmap(lambda c, i: inp.y[c][i])(ids, idx)
@@ -339,7 +347,8 @@ class SplitFed:
   def begin(self, state: SplitState, inp: RoundInputs) -> SplitCarry:
     """The round's working state: participants (and replicas) start from the stored models."""
     c, m = self.composition, inp.weights.shape[0]
-    view = state if inp.clients is None else state_lib.gather(state, inp.clients)
+    view = state if inp.clients is None else state_lib.gather(state, inp.clients,
+                                                                 self.executor)
     copt = view.client_opt
     if self.policy.client_reset_each_round:
       params = jax.tree.map(lambda a: a[0], view.client["params"]) if c.aggregation.per_client \
@@ -456,7 +465,7 @@ class SplitFed:
           client_opt=fedavg.keep_rows(ok, carry.client_opt, start.client_opt),
           server_opt=server_opt, per_client=self._per_client)
     if carry.stored is not None:
-      new = state_lib.scatter(carry.stored, inp.clients, new)
+      new = state_lib.scatter(carry.stored, inp.clients, new, self.executor)
     return new, stats
 
   def round(self, state, inp: RoundInputs):
@@ -523,7 +532,7 @@ class FedAvg:
 
   def begin(self, state: FLState, inp: RoundInputs) -> FLCarry:
     m = inp.weights.shape[0]
-    opt = state.opt if inp.clients is None else fedavg.index(state.opt, inp.clients)
+    opt = state.opt if inp.clients is None else self.executor.take(state.opt, inp.clients)
     start = FLState(state.model, opt) if _handles_faults(self, inp) else None
     if self.policy.client_reset_each_round:
       opt = _reset_each(self.optimizer, state.model["params"], opt)
@@ -565,7 +574,7 @@ class FedAvg:
       model = fedavg.reported_average(carry.models, inp.weights, ok, carry.start.model)
       opt = fedavg.keep_rows(ok, opt, carry.start.opt)
     if carry.stored is not None:
-      opt = fedavg.update_index(carry.stored.opt, inp.clients, opt)
+      opt = self.executor.put(carry.stored.opt, inp.clients, opt)
     return FLState(model, opt), stats
 
   def round(self, state, inp: RoundInputs):

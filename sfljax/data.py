@@ -353,17 +353,56 @@ def batch_schedule(counts: np.ndarray, batch_size: int, *, seed: int,
 
 
 def sample_clients(num_clients: int, fraction: float, *, seed: int,
-                   round_index: int) -> np.ndarray | None:
-  """The round's participants: ``max(1, round(fraction * K))`` distinct client
-  ids in increasing order, drawn from ``(seed, round)`` alone (so a resumed
-  run draws the same ones); None when every client takes part."""
+                   round_index: int, strata: int = 1) -> np.ndarray | None:
+  """The round's participants: ``M = max(1, round(fraction * K))`` distinct
+  client ids in increasing order, drawn from ``(seed, round)`` alone (so a
+  resumed run draws the same ones); None when every client takes part.
+
+  ``strata`` S > 1 (the clients sharded over S devices): stratified, the K
+  clients are S contiguous blocks of K/S (block d = the clients of device d)
+  and M/S participants are drawn from every block, without replacement, one
+  block after another from one generator of ``(seed, round, S)``. K and M
+  must be divisible by S (:func:`check_strata`). ``strata=1`` is the plain
+  draw above.
+  """
   if fraction >= 1.0:
     return None
   m = num_participants(num_clients, fraction)
-  ids = rng_for(seed, _PARTICIPATION_STREAM, round_index).choice(num_clients, m, replace=False)
-  return np.sort(ids).astype(np.int32)
+  if strata == 1:
+    ids = rng_for(seed, _PARTICIPATION_STREAM, round_index).choice(num_clients, m, replace=False)
+    return np.sort(ids).astype(np.int32)
+  check_strata(num_clients, fraction, strata)
+  block, per = num_clients // strata, m // strata
+  rng = rng_for(seed, _PARTICIPATION_STREAM, round_index, strata)
+  ids = [d * block + np.sort(rng.choice(block, per, replace=False)) for d in range(strata)]
+  return np.concatenate(ids).astype(np.int32)
 
 
 def num_participants(num_clients: int, fraction: float) -> int:
   """Clients per round for a participation fraction (at least one)."""
   return num_clients if fraction >= 1.0 else max(1, int(round(fraction * num_clients)))
+
+
+def check_strata(num_clients: int, fraction: float, strata: int, what: str = "strata") -> None:
+  """Raises a one-line ValueError (starting ``--client-fraction: ``) unless the
+  round's participants split evenly into ``strata`` groups (``what``: how the
+  message names them, e.g. "devices"), naming the fractions nearest to
+  ``fraction`` that do. The K clients themselves must split too (else a
+  ValueError starting ``--clients: ``)."""
+  if (isinstance(strata, bool) or not isinstance(strata, (int, np.integer))
+      or strata < 1):
+    raise ValueError(f"strata: must be a positive integer, got {strata!r}")
+  if num_clients % strata:
+    raise ValueError(f"--clients: {num_clients} clients cannot be split evenly over "
+                     f"{strata} {what}: use a number of clients divisible by {strata}")
+  m = num_participants(num_clients, fraction)
+  if m % strata == 0:
+    return
+  below, above = m // strata * strata, -(-m // strata) * strata
+  near = [v for v in (below, above) if strata <= v <= num_clients]
+  hint = " or ".join(f"{v / num_clients:.6g} ({v} clients)" for v in near)
+  raise ValueError(f"--client-fraction: {fraction:g} of {num_clients} clients gives {m} "
+                   f"participants per round, which do not split evenly over {strata} {what} "
+                   f"(each draws the same number from its own {num_clients // strata} "
+                   f"clients): use a fraction giving a multiple of {strata} participants, "
+                   f"e.g. {hint}")

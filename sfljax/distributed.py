@@ -11,6 +11,14 @@ one cross-device all-reduce. A shared server (SFLV2, SL) still processes the
 clients one at a time: correct when sharded, not faster. K must be divisible
 by D.
 
+Partial participation on a mesh is stratified: each round every device takes
+M/D participants from its own K/D clients (``data.sample_clients(...,
+strata=D)``), so M must be divisible by D too. The participants' inputs are
+sharded like the clients and each device reads and writes back its own
+participants' rows of the per-client state and data
+(:meth:`sfljax.execution.ClientExecutor.take` / ``put``): nothing per client
+is gathered across devices.
+
 One process drives all local devices; with several hosts every host runs the
 same program as one process (``jax.distributed.initialize``), and the mesh
 spans all processes' devices. Every process builds the same host data (same
@@ -390,11 +398,20 @@ def fetch(tree):
 
 # -- what is sharded ---------------------------------------------------------
 
-def input_shardings(mesh: Mesh) -> RoundInputs:
-  """Per-client inputs (x, y, idx, mask, weights, reported) sharded, orders and key replicated."""
+def input_shardings(mesh: Mesh, inputs: RoundInputs | None = None) -> RoundInputs:
+  """Per-client inputs (x, y, idx, mask, weights, clients, reported) sharded,
+  orders and key replicated. With partial participation the participants'
+  rows (idx, mask, weights, clients, reported) are split over the devices
+  like the clients, so device d must hold its own clients' rows (the
+  stratified draw, :func:`sfljax.data.sample_clients`). ``inputs``: a round's
+  inputs whose absent (None) fields stay None here (a tree that matches them
+  exactly, e.g. for ``jax.jit``'s ``in_shardings``)."""
   c, r = _clients(mesh), _replicated(mesh)
-  return RoundInputs(x=c, y=c, idx=c, mask=c, weights=c, step_orders=r, client_order=r, key=r,
-                     reported=c)
+  sh = RoundInputs(x=c, y=c, idx=c, mask=c, weights=c, step_orders=r, client_order=r, key=r,
+                   clients=c, reported=c)
+  if inputs is not None:
+    sh = sh._replace(**{f: None for f in ("clients", "reported") if getattr(inputs, f) is None})
+  return sh
 
 
 class Shardings(NamedTuple):
@@ -415,8 +432,9 @@ class Shardings(NamedTuple):
     """From the algorithm's typed state: ``variables`` are the full model's
     initial variables and ``inputs`` one round's inputs (arrays or shapes).
     The leaves the state declares per client (:mod:`sfljax.state`) are
-    sharded, the rest replicated."""
-    num_clients = int(inputs.weights.shape[0])
+    sharded, the rest replicated. With partial participation (``inputs.clients``)
+    the M participants must split evenly over the devices too."""
+    num_clients = int(inputs.x.shape[0])
     check_clients(num_clients, mesh)
     c, r = _clients(mesh), _replicated(mesh)
     variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables)
@@ -433,5 +451,7 @@ class Shardings(NamedTuple):
     state_sh = to_sharding(state)
     if to_sharding(ended) != state_sh:
       raise ValueError("the algorithm's end state is laid out unlike its initial state")
+    if inputs.clients is not None:
+      check_clients(int(inputs.clients.shape[0]), mesh)
     return cls(state_sh, to_sharding(carry), jax.tree.map(lambda _: c, stats),
-               input_shardings(mesh))
+               input_shardings(mesh, inputs))

@@ -27,7 +27,11 @@ device runs its K/D local clients with the strategy above, and the outputs
 keep their leading client axis sharded over ``"clients"``. Everything outside
 ``map`` (FedAvg's weighted sum, a shared server's loop over clients) is left
 to the compiler (GSPMD), so FedAvg becomes a cross-device reduction. A group
-of one client (client-major schedules) is not split.
+of one client (client-major schedules) is not split. With partial
+participation the participants' rows of the per-client state and data are
+read and written back on the devices that hold them (:meth:`ClientExecutor.take`,
+:meth:`~ClientExecutor.put`, :meth:`~ClientExecutor.on_rows`): each device's
+participants must be its own clients.
 
 ``auto`` picks per backend from the measurements in the README: on XLA:CPU a
 vmapped convolution with per-client weights lowers to a grouped convolution,
@@ -89,6 +93,45 @@ class ClientExecutor:
     holds the client instead of being left to the compiler's partitioner.
     """
     return self._split(lambda f, *a: jax.vmap(f)(*a), fn, args)
+
+  def on_rows(self, fn: Callable[..., Any], tree, ids, *args):
+    """``fn(tree, ids, *args)``: reads (or writes) the rows ``ids`` ([M] client
+    ids) of ``tree``'s leaves ([K, ...]); ``args`` lead with the M participants.
+
+    With a mesh every device runs ``fn`` on its own K/D rows of ``tree``, its
+    M/D participants and their ``args``, with the ids made local to its
+    block (``ids - d * K/D`` on device d): nothing is gathered across
+    devices. The participants on device d (rows ``d*M/D ..``) must therefore
+    be clients of its block ``d*K/D .. (d+1)*K/D - 1`` (the stratified draw
+    of :func:`sfljax.data.sample_clients`). Without a mesh ``fn`` sees the
+    global ids.
+    """
+    devices = self.num_devices
+    if devices == 1:
+      return fn(tree, ids, *args)
+    num, rows = jax.tree.leaves(tree)[0].shape[0], ids.shape[0]
+    if num % devices or rows % devices:
+      raise ValueError(f"{rows} participants of {num} clients cannot be split evenly over "
+                       f"{devices} devices: use numbers divisible by {devices} or change "
+                       "--devices")
+
+    def local(t, i, *a):
+      block = jax.tree.leaves(t)[0].shape[0]
+      return fn(t, i - jax.lax.axis_index(CLIENT_AXIS).astype(i.dtype) * block, *a)
+
+    spec = PartitionSpec(CLIENT_AXIS)
+    return jax.shard_map(local, mesh=self.mesh, in_specs=(spec,) * (2 + len(args)),
+                         out_specs=spec, check_vma=False)(tree, ids, *args)
+
+  def take(self, tree, ids):
+    """The rows ``ids`` of every leaf (each device reads its own: :meth:`on_rows`)."""
+    return self.on_rows(lambda t, i: jax.tree.map(lambda x: x[i], t), tree, ids)
+
+  def put(self, tree, ids, part):
+    """``tree`` with the rows ``ids`` of every leaf replaced by ``part``'s
+    (each device writes its own: :meth:`on_rows`)."""
+    return self.on_rows(lambda t, i, p: jax.tree.map(lambda x, v: x.at[i].set(v), t, p),
+                        tree, ids, part)
 
   def _split(self, local_map, fn, args):
     num = jax.tree.leaves(args)[0].shape[0]

@@ -52,15 +52,21 @@ def per_client_mask(tree):
   return jax.tree.map(lambda _: True, tree)
 
 
-def gather(state, ids):
-  """The rows ``ids`` ([M]) of every per-client field; other fields as they are."""
-  return state.replace(**{n: fedavg.index(getattr(state, n), ids) for n in state.per_client})
+def gather(state, ids, executor=None):
+  """The rows ``ids`` ([M]) of every per-client field; other fields as they are.
+
+  ``executor``: a :class:`sfljax.execution.ClientExecutor` whose mesh the
+  state is sharded over reads every device's rows on that device
+  (:meth:`~sfljax.execution.ClientExecutor.take`)."""
+  take = fedavg.index if executor is None else executor.take
+  return state.replace(**{n: take(getattr(state, n), ids) for n in state.per_client})
 
 
-def scatter(full, ids, part):
+def scatter(full, ids, part, executor=None):
   """Writes the rows of ``part``'s per-client fields back into ``full`` at ``ids``;
-  the other fields are taken from ``part``."""
-  return part.replace(**{n: fedavg.update_index(getattr(full, n), ids, getattr(part, n))
+  the other fields are taken from ``part`` (``executor``: as in :func:`gather`)."""
+  put = fedavg.update_index if executor is None else executor.put
+  return part.replace(**{n: put(getattr(full, n), ids, getattr(part, n))
                          for n in part.per_client})
 
 

@@ -25,7 +25,7 @@ metric key                       TensorBoard tag
                                  bytes/server_to_client, bytes/smashed, ...)
 ``seconds``, ``<name>_seconds``  ``time/<key>``  (time/seconds: the round's wall
                                  clock; time/train_seconds, time/eval_seconds)
-``participants``                 ``clients/participants``
+``participants``, ``reported``   ``clients/participants``, ``clients/reported``
 ``epsilon``                      ``privacy/epsilon``
 anything else                    ``other/<key>``
 ===============================  ===============================
@@ -60,7 +60,9 @@ from typing import Any, Mapping
 EVENT_FILE_GLOB = "events.out.tfevents.*"
 """The names of TensorBoard event files (e.g. to remove them with ``--overwrite``)."""
 
-_SPECIAL_TAGS = {"participants": "clients/participants", "epsilon": "privacy/epsilon"}
+_SPECIAL_TAGS = {"participants": "clients/participants", "reported": "clients/reported",
+                 "failed_clients": "clients/failed", "nonfinite_clients": "clients/nonfinite",
+                 "epsilon": "privacy/epsilon"}
 
 
 def tag_for(key: str) -> str | None:

@@ -132,14 +132,21 @@ class Experiment:
       instead of the config's optimizer names (FL and centralized use the
       client optimizer).
     loss: ``loss(logits, labels, mask) -> scalar`` instead of the config's.
+    strata: with ``client_fraction < 1``, draw each round's participants
+      stratified over this many contiguous blocks of clients, the same number
+      from each (:func:`sfljax.data.sample_clients`). Default: the number of
+      devices the clients are split over (each device's participants are
+      then its own clients), i.e. 1 -- the plain draw -- on one device. On
+      one device ``strata=D`` draws the participants a D-device run draws.
   """
 
   def __init__(self, config: Config | None = None, dataset: data.Dataset | None = None,
                parts: list[np.ndarray] | None = None, *, model: models.SplitModel | None = None,
                algorithm: Any = None, client_optimizer: optax.GradientTransformation | None = None,
                server_optimizer: optax.GradientTransformation | None = None,
-               loss: split.Loss | None = None):
+               loss: split.Loss | None = None, strata: int | None = None):
     self.config = config = (Config() if config is None else config).validate()
+    self._strata = strata
     if dataset is None:
       try:
         dataset = data.load_dataset(config.dataset, seed=config.seed, data_dir=config.data_dir)
@@ -287,6 +294,7 @@ class Experiment:
     cfg, cd = self.config, self.client_data
     if not hasattr(self, "executor"):   # A ready Algorithm object: its own executor.
       self.executor = getattr(self.algorithm, "executor", execution.resolve("auto"))
+    self.strata = self._sampling_strata()   # Checked before any data moves.
     self._x, self._y = self._place_clients(cd.x), self._place_clients(cd.y)
     self._weights = self._place_clients(cd.counts.astype(np.float32))
     self.trace_count = 0  # Tracings of the round's programs (tests: no recompilation).
@@ -298,19 +306,26 @@ class Experiment:
           alg, jax.eval_shape(self.model.init, jax.random.key(0)), self.round_inputs(0),
           self.mesh)
 
-    def counted(fn, out=None, donate=()):
+    def counted(fn, out, inp, donate=()):
       def traced(*args):
         self.trace_count += 1
         return fn(*args)
-      return jax.jit(traced, donate_argnums=donate,
-                     out_shardings=None if sh is None else out(sh))
+      if sh is None:
+        return jax.jit(traced, donate_argnums=donate)
+      return jax.jit(traced, donate_argnums=donate, in_shardings=inp(sh), out_shardings=out(sh))
 
+    # On a mesh both ends are pinned: whatever a round's draw, the same layouts.
     if self.executor.step_loop == "scan":
-      self._programs = {"round": counted(alg.round, lambda s: (s.state, s.stats))}
+      self._programs = {"round": counted(alg.round, lambda s: (s.state, s.stats),
+                                         lambda s: (s.state, s.inputs))}
     else:  # The round's working state (carry) is internal: its buffers are donated.
-      self._programs = {"begin": counted(alg.begin, lambda s: s.carry),
-                        "step": counted(alg.step, lambda s: s.carry, donate=(0,)),
-                        "end": counted(alg.end, lambda s: (s.state, s.stats))}
+      rep = None if sh is None else distributed.replicated_sharding(self.mesh)
+      self._programs = {"begin": counted(alg.begin, lambda s: s.carry,
+                                         lambda s: (s.state, s.inputs)),
+                        "step": counted(alg.step, lambda s: s.carry,
+                                        lambda s: (s.carry, s.inputs, rep), donate=(0,)),
+                        "end": counted(alg.end, lambda s: (s.state, s.stats),
+                                       lambda s: (s.carry, s.inputs))}
     self._eval = jax.jit(self._evaluate_arrays)
     self._eval_own = jax.jit(self._evaluate_own)
     self._global = jax.jit(lambda s, w: alg.global_variables(s, w))
@@ -326,9 +341,6 @@ class Experiment:
     cfg = self.config
     if cfg.devices is None and jax.process_count() == 1:
       return None
-    if cfg.client_fraction < 1:
-      raise ConfigError("--client-fraction", "partial participation runs on one device for "
-                                             "now: use 1, or drop --devices")
     try:
       mesh = distributed.client_mesh(cfg.devices)
       distributed.check_clients(self.client_data.num_clients, mesh)
@@ -336,6 +348,25 @@ class Experiment:
       flag, _, msg = str(e).partition(": ")
       raise ConfigError(flag if flag.startswith("--") else "--devices", msg or str(e)) from None
     return mesh
+
+  def _sampling_strata(self) -> int:
+    """The blocks participants are drawn from (the ``strata`` argument; default:
+    the mesh's devices, 1 without a mesh)."""
+    cfg, devices = self.config, 1 if self.mesh is None else int(self.mesh.devices.size)
+    strata = devices if self._strata is None else self._strata
+    if isinstance(strata, bool) or not isinstance(strata, (int, np.integer)) or strata < 1:
+      raise ValueError(f"strata: must be a positive integer, got {strata!r}")
+    if strata % devices:
+      raise ValueError(f"strata: {strata} blocks of clients do not split over the "
+                       f"{devices} devices: use a multiple of {devices}")
+    if cfg.client_fraction < 1 and strata > 1:
+      try:
+        data.check_strata(self.client_data.num_clients, cfg.client_fraction, int(strata),
+                          "devices" if strata == devices else "strata")
+      except ValueError as e:
+        flag, _, msg = str(e).partition(": ")
+        raise ConfigError(flag, msg) from None
+    return int(strata)
 
   def _place_clients(self, tree):
     """On the device, or with the leading (client) axis split over the mesh."""
@@ -408,9 +439,11 @@ class Experiment:
                                   self.client_data.y.dtype)
 
   def participants(self, round_index: int) -> np.ndarray | None:
-    """The client ids taking part in a round (None: all of them)."""
+    """The client ids taking part in a round (None: all of them), increasing;
+    stratified over :attr:`strata` blocks of clients (see ``strata``)."""
     return data.sample_clients(self.client_data.num_clients, self.config.client_fraction,
-                               seed=self.config.seed, round_index=round_index)
+                               seed=self.config.seed, round_index=round_index,
+                               strata=self.strata)
 
   def round_inputs(self, round_index: int) -> algorithms.RoundInputs:
     """The round's batches and client orders, drawn from (seed, round)."""
@@ -430,14 +463,14 @@ class Experiment:
     client_order = rng.permutation(k).astype(np.int32)
     step_orders = np.stack([rng.permutation(k) for _ in range(t)]).astype(np.int32)
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), round_index)
-    if ids is not None:
-      return algorithms.RoundInputs(self._x, self._y, jnp.asarray(idx), jnp.asarray(mask),
-                                    jnp.asarray(counts, jnp.float32), jnp.asarray(step_orders),
-                                    jnp.asarray(client_order), key, jnp.asarray(ids),
-                                    None if reported is None else jnp.asarray(reported))
+    # Per-participant rows sharded like the clients (on a mesh device d holds
+    # its own participants: the stratified draw), orders and key replicated.
     per_client = self._place_clients((idx, mask))
     orders = self._place((step_orders, client_order, key))
-    return algorithms.RoundInputs(self._x, self._y, *per_client, self._weights, *orders, None,
+    weights, clients = self._weights, None
+    if ids is not None:
+      weights, clients = self._place_clients((counts.astype(np.float32), ids))
+    return algorithms.RoundInputs(self._x, self._y, *per_client, weights, *orders, clients,
                                   None if reported is None else self._place_clients(reported))
 
   @property
