@@ -263,6 +263,11 @@ def _train(args, argv) -> int:
     raise UsageError(str(e)) from None
   try:
     return _train_in(args, cfg, exp, run)
+  except KeyboardInterrupt as e:   # Before its first round: the run holds its config only.
+    what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+    print(f"sfljax: {what} before the first round; start it again with: sfljax train "
+          f"--resume {run.path}", file=sys.stderr)
+    return 143 if isinstance(e, _Terminated) else 130
   finally:
     run.release()
 
@@ -322,6 +327,7 @@ def _train_in(args, cfg, exp, run) -> int:
 
   status, code, message = "finished", 0, None
   tb = None
+  stop = _SoftStop()
   try:
     from sfljax import tensorboard
     try:
@@ -329,9 +335,10 @@ def _train_in(args, cfg, exp, run) -> int:
     except ImportError:   # A machine without tensorboardX (e.g. an offline accelerator image).
       print("sfljax: tensorboardX is not installed: no TensorBoard files (metrics.jsonl has "
             "every round)", file=sys.stderr)
-    with open(run.file(rundir.METRICS), "a") as f:
+    with open(run.file(rundir.METRICS), "a") as f, stop:
       exp.compile(state)
       while state.round < cfg.rounds:
+        stop.check()
         try:
           state, m = exp.step(state)
         except NonFiniteError as e:
@@ -347,16 +354,22 @@ def _train_in(args, cfg, exp, run) -> int:
         every = args.checkpoint_every
         if state.round == cfg.rounds or (every and state.round % every == 0):
           save(state)
+        stop.check()
   except _Stop as e:
     status, code, message = "stopped: non-finite values", e.code, str(e)
   except KeyboardInterrupt as e:
     progress.end()
-    save(state)   # The last finished round: nothing is lost.
     what = "terminated" if isinstance(e, _Terminated) else "interrupted"
     status, code = what, 143 if isinstance(e, _Terminated) else 130
-    message = (f"{what} after round {state.round}; rounds 1-{state.round} are in "
-               f"{run.file(rundir.METRICS)} and checkpointed; continue with: sfljax train "
-               f"--resume {run.path}")
+    if stop.requested and not stop.hard:   # At a round boundary: safe to save.
+      save(state)   # The last finished round: nothing is lost.
+      kept = "and checkpointed"
+    else:   # Stopped at once, maybe inside JAX: no save, the last checkpoint stands.
+      kept = f"(the newest checkpoint is of round {saved or 0})"
+    done = (f"after round {state.round}; rounds 1-{state.round} are in "
+            f"{run.file(rundir.METRICS)} {kept}" if state.round
+            else "before the first round finished")
+    message = f"{what} {done}; continue with: sfljax train --resume {run.path}"
   except OSError as e:
     raise UsageError(f"cannot write to {run.path}: {e.strerror or e}; rounds 1-{saved or 0} "
                      f"are checkpointed: free space and continue with: sfljax train --resume "
@@ -409,6 +422,46 @@ def _report(args) -> int:
     raise UsageError(str(e)) from None
 
 
+class _SoftStop:
+  """While training, Ctrl-C or SIGTERM ask the run to stop after the current round
+  (then the finished round is saved); a second one stops at once, without saving
+  (a save after an interrupt inside JAX could wait forever on its locks)."""
+
+  def __init__(self):
+    self.requested, self.hard, self._old = None, False, {}
+
+  def __enter__(self):
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      if signal.getsignal(sig) is signal.SIG_IGN:
+        continue   # Ignored by whoever started us (e.g. a shell's background job): so be it.
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:   # Not the main thread.
+        pass
+    return self
+
+  def __exit__(self, *exc):
+    import signal
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+  def _handle(self, signum, frame):
+    import signal
+    if self.requested is not None:
+      self.hard = True
+      raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    self.requested = signum
+    sys.stderr.write("\nsfljax: stopping after the current round (again to stop at once)\n")
+    sys.stderr.flush()
+
+  def check(self) -> None:
+    """Raises the requested stop (at a round boundary)."""
+    import signal
+    if self.requested is not None:
+      raise _Terminated() if self.requested == signal.SIGTERM else KeyboardInterrupt()
+
+
 class _Terminated(KeyboardInterrupt):
   """SIGTERM, handled like Ctrl-C."""
 
@@ -428,14 +481,29 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command in _report_commands():
       return _report(args)
-    return _partition(args) if args.command == "partition" else _train(args, argv)
+    if args.command == "partition":
+      return _partition(args)
+    code = _train(args, argv)
+    if code in (130, 143):   # Interrupted: everything is written and said.
+      _leave(code)
+    return code
   except UsageError as e:
     print(f"sfljax: error: {e}", file=sys.stderr)
     return EXIT_USAGE
   except KeyboardInterrupt as e:
     what = "terminated" if isinstance(e, _Terminated) else "interrupted"
     print(f"sfljax: {what} before training started; nothing was written", file=sys.stderr)
-    return 143 if isinstance(e, _Terminated) else 130
+    _leave(143 if isinstance(e, _Terminated) else 130)
+
+
+def _leave(code: int) -> None:
+  """Exits at once with ``code`` after an interrupt. Interrupted inside a heavy
+  import or an XLA compilation, the interpreter's teardown of half-initialised
+  extension modules can crash (SIGSEGV) or re-raise; everything is written and
+  said by now, so nothing is left to tear down."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 if __name__ == "__main__":
