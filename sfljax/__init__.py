@@ -19,6 +19,8 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": "config",
     "Dataset": "data",
     "Experiment": "train",
+    "NonFiniteError": "train",
+    "load_model": "checkpoint",
     "FEDAVG": "sides",
     "FLState": "state",
     "FedAvg": "algorithms",
@@ -59,11 +61,22 @@ _EXPORTS: dict[str, str] = {
 ``import sfljax`` and the CLI start fast and Ctrl-C at start-up is clean)."""
 
 
+_MODULES = frozenset({
+    "algorithms", "checkpoint", "cli", "comm", "config", "conv", "data", "distributed",
+    "execution", "faults", "fedavg", "loaders", "models", "optimizers", "partitions", "report",
+    "rundir", "sides", "split", "state", "tensorboard", "train"})
+"""Submodules reachable as attributes (``sfljax.checkpoint.load_model``)."""
+
+
 def __getattr__(name: str):
+  import importlib
   module = _EXPORTS.get(name)
   if module is None:
+    if name in _MODULES:   # sfljax.checkpoint, sfljax.faults, ...: the submodule itself.
+      value = importlib.import_module(f"sfljax.{name}")
+      globals()[name] = value
+      return value
     raise AttributeError(f"module 'sfljax' has no attribute {name!r}")
-  import importlib
   value = getattr(importlib.import_module(f"sfljax.{module}"), name)
   globals()[name] = value
   return value
@@ -80,9 +93,9 @@ __all__ = [
     "OWN", "PERSISTENT", "REFERENCE", "RELAY", "REPLICAS", "SERVER_LABELS", "SHARED",
     "SYNCHRONOUS", "Algorithm", "Centralized", "ClientData", "ClientExecutor", "Composition",
     "CompositionError", "Config", "ConfigError", "Dataset", "Experiment", "FLState", "FedAvg",
-    "OptimizerPolicy", "RoundInputs", "RunState", "SplitFed", "SplitModel", "SplitState",
+    "NonFiniteError", "OptimizerPolicy", "RoundInputs", "RunState", "SplitFed", "SplitModel", "SplitState",
     "Traffic", "apply_part", "batch_schedule", "build", "clients_forward", "composition",
-    "cross_entropy", "get_model", "label_smoothing_cross_entropy", "load_dataset",
+    "cross_entropy", "get_model", "label_smoothing_cross_entropy", "load_dataset", "load_model",
     "make_optimizer", "partition", "per_client_mask", "run", "server_forward_backward",
     "weighted_average",
 ]

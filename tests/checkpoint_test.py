@@ -88,3 +88,15 @@ def test_load_model_predicts_like_the_trained_global_model(tmp_path):
   assert acc == pytest.approx(last["test_accuracy"], abs=1e-12)
   with pytest.raises(checkpoint.CheckpointError, match="config.json"):
     checkpoint.load_model(str(tmp_path))
+
+
+def test_the_package_reaches_checkpoints_and_every_submodule():
+  import importlib
+
+  import sfljax
+  assert sfljax.checkpoint.load_model is checkpoint.load_model is sfljax.load_model
+  for name in sfljax._MODULES:
+    assert getattr(sfljax, name) is importlib.import_module(f"sfljax.{name}")
+  assert set(sfljax.__all__) <= set(dir(sfljax))
+  with pytest.raises(AttributeError):
+    sfljax.no_such_name
