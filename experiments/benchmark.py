@@ -65,11 +65,11 @@ def machine() -> dict:
   return info
 
 
-def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
-  """Median GFLOP/s of an n^3 fp32 matmul on the default device."""
+def matmul_peak(n: int = 2048, repeats: int = 7, dtype: str = "float32") -> float:
+  """Median GFLOP/s of an n^3 matmul in ``dtype`` on the default device."""
   import jax
   import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   times = []

@@ -193,21 +193,6 @@ def sfljax_import_check() -> dict:
   return out
 
 
-def _matmul_gflops(n: int, dtype: str, repeats: int) -> float:
-  import statistics
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
 def nvidia_smi() -> dict | None:
   try:
     p = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,"
@@ -265,7 +250,7 @@ def probe(out_dir: str) -> int:
     import benchmark
     info["matmul_gflops"] = {"fp32_2048": benchmark.matmul_peak()}
     n = 8192 if gpu else 1024
-    info["matmul_gflops"][f"bf16_{n}"] = _matmul_gflops(n, "bfloat16", 7 if gpu else 3)
+    info["matmul_gflops"][f"bf16_{n}"] = benchmark.matmul_peak(n, 7 if gpu else 3, "bfloat16")
   except Exception as e:  # noqa: BLE001 - reported, not raised
     info["jax_error"] = f"{type(e).__name__}: {e}"
   save_json(os.path.join(out_dir, "probe.json"), info)
