@@ -25,6 +25,8 @@ and listed as such.
   python experiments/benchmark.py                             # the README's table
   python experiments/benchmark.py --models lenet --clients 100 --algorithms sflv1 --torch
   python experiments/benchmark.py --fashion-mnist /usr/share/datasets/fashion-mnist
+  # The workloads users run (SUITE), each against the PyTorch loop:
+  python experiments/benchmark.py --suite --torch --fashion-mnist /usr/share/datasets/fashion-mnist
 """
 
 from __future__ import annotations
@@ -80,11 +82,22 @@ def matmul_peak(n: int = 2048, repeats: int = 7, dtype: str = "float32") -> floa
   return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
-def workload(model: str, clients: int, per_client: int, seed: int = 0):
-  """The dataset and the clients' index arrays of a benchmark configuration."""
+def workload(model: str, clients: int, per_client: int, seed: int = 0,
+             fashion_mnist: str | None = None):
+  """The dataset and the clients' index arrays of a benchmark configuration.
+
+  LeNet trains on the real Fashion-MNIST training images when ``fashion_mnist``
+  (an IDX directory) is given, else on real digits images, tiled.
+  """
   import numpy as np
   from sfljax import data
   n = clients * per_client
+  if model == "lenet" and fashion_mnist:
+    ds = data.load_dataset("fashion_mnist", data_dir=fashion_mnist)
+    if n > len(ds.y_train):
+      raise ValueError(f"{clients} x {per_client} samples > Fashion-MNIST's {len(ds.y_train)}")
+    parts = [np.arange(k * per_client, (k + 1) * per_client) for k in range(clients)]
+    return ds, parts
   if model == "lenet":  # Real digits images, tiled.
     ds = data.load_digits(seed)
     reps = -(-n // len(ds.y_train))
@@ -189,7 +202,8 @@ def worker(spec: dict) -> dict:
     r["peak_rss_bytes"] = peak_rss_bytes()
     return r
   from sfljax.train import Config
-  ds, parts = workload(spec["model"], spec["clients"], spec["samples_per_client"])
+  ds, parts = workload(spec["model"], spec["clients"], spec["samples_per_client"],
+                       fashion_mnist=spec.get("fashion_mnist"))
   cfg = Config(algorithm=spec["algorithm"], model=spec["model"], clients=spec["clients"],
                batch_size=spec["batch_size"], strategy=spec["strategy"],
                step_loop=spec["step_loop"], client_block=spec["client_block"],
@@ -298,6 +312,87 @@ def grid(args) -> dict:
   return {"rows": rows, "per_sample_spread": spread}
 
 
+# The workloads users run (issue: benchmark what the paper and researchers run,
+# not only the case that flatters a batched implementation).
+SUITE = {
+    # The paper's configuration: the whole Fashion-MNIST training set over 5
+    # clients, batch 1024, LeNet.
+    "paper_lenet": {"model": "lenet", "clients": 5, "samples_per_client": 12000,
+                    "batch_size": 1024, "fashion_mnist": True},
+    # The paper's HAM10000 shape (64x64x3, 7 classes), ResNet18, 5 clients,
+    # batch 256, one batch per client per round (per-step cost as in the paper).
+    "paper_resnet18": {"model": "resnet18", "clients": 5, "samples_per_client": 256,
+                       "batch_size": 256},
+    # The whole Fashion-MNIST training set over many clients, batch 32.
+    "whole_100": {"model": "lenet", "clients": 100, "samples_per_client": 600,
+                  "batch_size": 32, "fashion_mnist": True},
+    "whole_1000": {"model": "lenet", "clients": 1000, "samples_per_client": 60,
+                   "batch_size": 32, "fashion_mnist": True},
+    # Small shards: 64 samples per client (the README's grid).
+    "small_100": {"model": "lenet", "clients": 100, "samples_per_client": 64,
+                  "batch_size": 32},
+}
+
+
+def suite(args) -> dict:
+  """Every workload of :data:`SUITE` x algorithm, sfljax and (--torch) PyTorch."""
+  rows = []
+  print(f"{'workload':15s} {'algorithm':9s} {'compile s':>9s} {'s/round':>9s} "
+        f"{'samples/s':>10s} {'peak RSS':>9s} {'torch s/round':>13s} {'speedup':>7s}",
+        flush=True)
+  for name in args.workloads:
+    w = SUITE[name]
+    if w.get("fashion_mnist") and not args.fashion_mnist:
+      print(f"{name:15s} skipped: needs --fashion-mnist DIR", flush=True)
+      rows.append({"workload": name, **w, "skipped": "needs --fashion-mnist DIR"})
+      continue
+    for alg in args.algorithms:
+      spec = {"engine": "sfljax", "model": w["model"], "algorithm": alg,
+              "clients": w["clients"], "samples_per_client": w["samples_per_client"],
+              "batch_size": w["batch_size"], "strategy": args.strategy,
+              "step_loop": args.step_loop, "client_block": args.client_block,
+              "precision": args.precision, "repeats": args.repeats, "budget": args.budget,
+              "fashion_mnist": args.fashion_mnist if w.get("fashion_mnist") else None}
+      r = {"workload": name, **spec, **run_worker(spec, args.timeout)}
+      if args.torch and "error" not in r:
+        t = run_worker({**spec, "engine": "torch"}, args.timeout)
+        if "error" in t:
+          r["torch_error"] = t["error"]
+        else:
+          r.update(torch_seconds_per_round=t["seconds_per_round"],
+                   torch_all_round_seconds=t["all_round_seconds"],
+                   torch_samples_per_second=t["samples_per_second"],
+                   torch_peak_rss_bytes=t["peak_rss_bytes"], torch_version=t["torch_version"],
+                   speedup_vs_torch=t["seconds_per_round"] / r["seconds_per_round"])
+      rows.append(r)
+      if "error" in r:
+        print(f"{name:15s} {alg:9s} failed: {r['error']}", flush=True)
+        continue
+      ts, sp = r.get("torch_seconds_per_round"), r.get("speedup_vs_torch")
+      print(f"{name:15s} {alg:9s} {r['compile_seconds']:9.1f} {r['seconds_per_round']:9.3f} "
+            f"{r['samples_per_second']:10.0f} {fmt_bytes(r['peak_rss_bytes']):>9s} "
+            f"{'-' if ts is None else f'{ts:.3f}':>13s} "
+            f"{'-' if sp is None else f'{sp:.2f}x':>7s}", flush=True)
+  return {"rows": rows}
+
+
+def suite_markdown(result: dict) -> str:
+  """The table of a saved suite run."""
+  lines = ["| workload | algorithm | s/round (median) | samples/s | peak RSS | PyTorch s/round "
+           "| speedup |", "| --- | --- | --- | --- | --- | --- | --- |"]
+  for r in result["rows"]:
+    if "seconds_per_round" not in r:
+      lines.append(f"| {r['workload']} | {r.get('algorithm', '')} "
+                   f"| {r.get('skipped') or r.get('error')} | | | | |")
+      continue
+    ts, sp = r.get("torch_seconds_per_round"), r.get("speedup_vs_torch")
+    lines.append(f"| {r['workload']} | {r['algorithm']} | {r['seconds_per_round']:.3f} "
+                 f"| {r['samples_per_second']:,.0f} | {fmt_bytes(r['peak_rss_bytes'])} "
+                 f"| {'-' if ts is None else f'{ts:.3f}'} "
+                 f"| {'-' if sp is None else f'{sp:.2f}×'} |")
+  return "\n".join(lines)
+
+
 def fashion_mnist_epoch(args) -> dict:
   """One global epoch of the paper's Fashion-MNIST/LeNet setting per algorithm."""
   from sfljax import data
@@ -366,13 +461,20 @@ def main(argv=None):
   p.add_argument("--fashion-mnist", metavar="DIR", default=None,
                  help="instead: one global epoch of the paper's Fashion-MNIST/LeNet setting "
                       "(60,000 samples, 5 clients, batch 1024) per algorithm")
+  p.add_argument("--suite", action="store_true",
+                 help="instead of the grid: the workloads users run (SUITE: the paper's "
+                      "configurations, the whole Fashion-MNIST over 100 and 1000 clients, "
+                      "small shards); needs --fashion-mnist DIR for the Fashion-MNIST ones")
+  p.add_argument("--workloads", nargs="+", default=list(SUITE), choices=list(SUITE),
+                 help="with --suite: which workloads")
   p.add_argument("--markdown", metavar="JSON", default=None,
                  help="print the table of a saved result as markdown and exit")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.markdown:
     with open(args.markdown) as f:
-      print(markdown(json.load(f)))
+      saved = json.load(f)
+    print(suite_markdown(saved) if saved.get("settings", {}).get("suite") else markdown(saved))
     return 0
   if args.worker:
     print(json.dumps(worker(json.loads(args.worker))))
@@ -383,7 +485,10 @@ def main(argv=None):
     if not torch_baseline.torch_available():
       print("benchmark: --torch needs PyTorch: pip install torch==2.13.0", file=sys.stderr)
       return 2
-  if args.fashion_mnist:
+  if args.suite:
+    result = suite(args)
+    out = args.out.replace(".json", "_suite.json")
+  elif args.fashion_mnist:
     result = fashion_mnist_epoch(args)
     out = args.out.replace(".json", "_fashion_mnist.json")
   else:

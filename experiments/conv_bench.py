@@ -94,6 +94,48 @@ def _layer_data(layer, seed=0):
   return x, w, g, (s, s), pads, flops
 
 
+def torch_components(layer, repeats) -> dict | None:
+  """PyTorch's (mkldnn) forward / input-gradient / kernel-gradient ms for the same layer
+  (NCHW, same threads as XLA uses: all cores), or None without torch."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  torch.set_num_threads(os.cpu_count() or 1)
+  name, b, h, cin, cout, k, s, pad, need_dx = layer
+  pads = conv.normalize_padding(pad, (h, h), (k, k), (s, s))
+  (t, bo), (l, r) = pads
+  g = torch.Generator().manual_seed(0)
+  x = torch.randn(b, cin, h + t + bo, h + l + r, generator=g)  # padded up front (asymmetric pads)
+  w = torch.randn(cout, cin, k, k, generator=g) / float(np.sqrt(k * k * cin))
+  with torch.no_grad():
+    y = torch.nn.functional.conv2d(x, w, stride=s)
+  gy = torch.randn(y.shape, generator=g)
+  mask = [bool(need_dx), True, False]
+
+  def fwd():
+    with torch.no_grad():
+      torch.nn.functional.conv2d(x, w, stride=s)
+
+  def bwd(which):
+    m = [which == "dx", which == "dw", False]
+    torch.ops.aten.convolution_backward(gy, x, w, None, [s, s], [0, 0], [1, 1], False, [0, 0],
+                                        1, m)
+  fns = {"fwd/torch": fwd, "dw/torch": lambda: bwd("dw")}
+  if need_dx:
+    fns["dx/torch"] = lambda: bwd("dx")
+  del mask
+  for f in fns.values():
+    f()
+  times = {key: [] for key in fns}
+  for _ in range(repeats):
+    for key, f in fns.items():
+      t0 = time.perf_counter()
+      f()
+      times[key].append(time.perf_counter() - t0)
+  return {key: statistics.median(v) for key, v in times.items()}
+
+
 def bench_components(layers, repeats) -> dict:
   out = {}
   for layer in layers:
@@ -108,9 +150,10 @@ def bench_components(layers, repeats) -> dict:
       fns[f"dw/{m}"] = jax.jit(lambda g, x, m=m: conv._kernel_grad(m, g, x, w.shape, w.dtype, s, pads))
       args[f"dw/{m}"] = (g, x)
     t = interleaved(fns, args, repeats)
+    t.update(torch_components(layer, repeats) or {})
     out[layer[0]] = {k: {"ms": 1e3 * v, "gflops": flops / v / 1e9} for k, v in t.items()}
-    best = {p: min((k for k in t if k.startswith(p + "/")), key=t.get) for p in ("fwd", "dx", "dw")
-            if any(k.startswith(p + "/") for k in t)}
+    best = {p: min((k for k in t if k.startswith(p + "/") and not k.endswith("/torch")),
+                   key=t.get) for p in ("fwd", "dx", "dw") if any(k.startswith(p + "/") for k in t)}
     print(layer[0], " ".join(f"{k}={1e3 * v:.1f}" for k, v in t.items()), "best:", best, flush=True)
   return out
 

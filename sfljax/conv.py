@@ -347,7 +347,13 @@ def auto_lowering(x_shape, w_shape, strides, padding="SAME", backend: str | None
   else:
     fwd = "xla"
   dx = "xla" if s == (1, 1) and not tiny and cin >= 64 else "patches"
-  dw = "xla" if tiny or cin == 1 or n * ho * wo < 4096 else "patches"
+  # Not XLA for a single input channel (LeNet's conv1 at batch 1024): alone
+  # that kernel gradient measured 69 ms with XLA and 56 with patches, but
+  # inside the paper's SFLV1 round program XLA's took 440 ms per call (26 of
+  # the round's ~30 s; jax.profiler trace, 2026-11-26); with patches the
+  # round took 2.7x less. Component timings alone do not settle a choice:
+  # check the whole round (experiments/benchmark.py --suite).
+  dw = "xla" if tiny or n * ho * wo < 4096 else "patches"
   return (fwd, dx, dw)
 
 

@@ -413,6 +413,36 @@ def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient():
     g = jax.random.normal(jax.random.key(1), ref.shape)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     np.testing.assert_array_equal(np.asarray(got_vjp(g)[0]), np.asarray(ref_vjp(g)[0]))
+    np.testing.assert_array_equal(np.asarray(got_vjp(g)[0]), _pool_grad_reference(x, g))
+
+
+def _pool_grad_reference(x, g):
+  """NumPy loops: each 2x2 window's cotangent to its first maximum (row-major)."""
+  x, g = np.asarray(x), np.asarray(g)
+  out = np.zeros_like(x)
+  for b, i, j, c in np.ndindex(g.shape):
+    win = x[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c].reshape(-1)
+    k = int(np.argmax(win))   # NumPy's argmax: the first maximum.
+    out[b, 2 * i + k // 2, 2 * j + k % 2, c] = g[b, i, j, c]
+  return out
+
+
+def test_max_pool_2x2_gradient_is_exact_with_ties_infinities_and_bf16():
+  """All-equal windows, -inf and bf16: the gradient is a routing (no
+  arithmetic), so it must equal the reference exactly, in any dtype."""
+  from sfljax.models import max_pool_2x2
+  x = np.zeros((2, 6, 4, 3), np.float32)
+  x[0, :2, :2, 0] = [[1, 1], [1, 1]]                 # four-way tie
+  x[0, 2:4, :2, 1] = [[-np.inf, -np.inf], [-np.inf, -np.inf]]
+  x[1] = np.round(np.random.RandomState(0).standard_normal((6, 4, 3)))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    xd = jnp.asarray(x, dtype)
+    y, vjp = jax.vjp(max_pool_2x2, xd)
+    g = jnp.asarray(np.random.RandomState(1).standard_normal(y.shape), dtype)
+    got = np.asarray(vjp(g)[0].astype(jnp.float32))
+    np.testing.assert_array_equal(got, _pool_grad_reference(xd.astype(jnp.float32),
+                                                            g.astype(jnp.float32)))
+    assert vjp(g)[0].dtype == dtype
 
 
 # ---------------------------------------------------------------------------
