@@ -89,6 +89,18 @@ count and sample count are left out of the round's stats, and the stats'
 dropped step in a round counts as not reported (above): its client update
 for the round is dropped. Off (the default), no check is compiled.
 
+Client blocks (``executor.block`` = B, ``--client-block``): a step of a group
+of more than B clients (a synchronous step; FL's local steps) runs block by
+block, end to end -- block b's clients' forward, the server for them, their
+backward and optimizer updates, then block b + 1 (:func:`client_blocks`) --
+so one block's activations and vjp residuals are alive at a time. A client
+depends on the others only through a shared server's order, so a shared
+server's blocks follow it (block b: the participants ``order[bB:(b+1)B]``,
+served in that order); server replicas and FL take consecutive rows. The
+result is the unblocked step's (bit for bit with sequential clients; see
+:mod:`sfljax.execution`). Client-major schedules (groups of one) and a
+relayed client model are never blocked.
+
 All functions are pure: state in, state out; the client axis of every
 per-client quantity is the leading one.
 """
@@ -392,9 +404,34 @@ class SplitFed:
     return sv, so, stats.dropped(ok, jnp.ones_like(ok))
 
   def step(self, carry: SplitCarry, inp: RoundInputs, t) -> SplitCarry:
-    """Event ``t`` of the round (see :meth:`num_steps`)."""
+    """Event ``t`` of the round (see :meth:`num_steps`).
+
+    With ``executor.block`` = B and a group of more than B clients (a
+    synchronous step), the group runs block by block, end to end: block b's
+    clients' forward, the server for them, their backward and optimizer
+    updates, then block b + 1 (:func:`client_blocks`). Only one block's
+    activations and vjp residuals are alive at a time, and the result is the
+    unblocked step's: a client depends on the others only through a shared
+    server's order, which the blocks follow.
+    """
     c = self.composition
     rows, s, order = c.schedule.event(inp, t)
+    group = inp.weights.shape[0] if rows is None else rows.shape[0]
+    block = self.executor.block
+    if not block or group <= block or c.aggregation.handoff:
+      return self._group_step(carry, inp, t, rows, s, order)
+    rows = jnp.arange(group, dtype=jnp.int32) if rows is None else rows
+    if not c.server.per_client:   # A shared server takes the clients in ``order``.
+      rows = rows[order]
+    return client_blocks(
+        lambda cr, r: self._group_step(cr, inp, t, r, s,
+                                       jnp.arange(r.shape[0], dtype=order.dtype)),
+        carry, rows, block)
+
+  def _group_step(self, carry: SplitCarry, inp: RoundInputs, t, rows, s, order) -> SplitCarry:
+    """One step of the group ``rows`` ([G] participant rows, None: all of them,
+    in row order), their step ``s``, the shared server's ``order`` over the group."""
+    c = self.composition
     x, y, m, ids = _batch(inp, s, self.executor, self.augment, rows)
     keys = _keys(inp, ids, s, self._needs_rng)
     take = (lambda tree: tree) if rows is None else (lambda tree: fedavg.index(tree, rows))
@@ -494,6 +531,25 @@ class SplitFed:
                               comm.tree_bytes(client), server_out_bytes_per_sample=body_out)
 
 
+def client_blocks(group_step, carry, rows, block: int):
+  """``group_step(carry, block_rows)`` for blocks of ``block`` of ``rows`` ([G]
+  participant rows), one block after another: ``rows[:B]``, ``rows[B:2B]``, ...
+
+  The full blocks run under a ``lax.scan`` (one compiled block body); a
+  smaller last block, when ``block`` does not divide G, is one more call with
+  its own (static) size. Nothing is padded: a padded row would be a
+  duplicate whose scattered write-back races with the real one.
+  """
+  num = rows.shape[0]
+  full, rest = divmod(num, block)
+  if full:
+    carry, _ = jax.lax.scan(lambda c, r: (group_step(c, r), None), carry,
+                            rows[:full * block].reshape(full, block))
+  if rest:
+    carry = group_step(carry, rows[full * block:])
+  return carry
+
+
 def fused_round(algorithm, state, inp):
   """begin, every step under ``lax.fori_loop``, end: one round in one program."""
   carry = algorithm.begin(state, inp)
@@ -540,6 +596,16 @@ class FedAvg:
                    None if inp.clients is None else state, start)
 
   def step(self, carry: FLCarry, inp: RoundInputs, t) -> FLCarry:
+    """Every participant's local step ``t``; with ``executor.block`` = B and more
+    than B participants, block by block (consecutive rows, :func:`client_blocks`)."""
+    num, block = inp.weights.shape[0], self.executor.block
+    if not block or num <= block:
+      return self._group_step(carry, inp, t, None)
+    return client_blocks(lambda cr, r: self._group_step(cr, inp, t, r), carry,
+                         jnp.arange(num, dtype=jnp.int32), block)
+
+  def _group_step(self, carry: FLCarry, inp: RoundInputs, t, rows) -> FLCarry:
+    """Local step ``t`` of the participants ``rows`` ([G], None: all of them)."""
     module = self.model.full()
     needs_rng = bool(getattr(self.model, "needs_rng", False))
 
@@ -555,14 +621,20 @@ class FedAvg:
       v, o = keep_if(active, (v_new, o_new), (v, o))
       return v, o, stats
 
-    x, y, m, ids = _batch(inp, t, self.executor, self.augment)
+    x, y, m, ids = _batch(inp, t, self.executor, self.augment, rows)
     keys = _keys(inp, ids, t, needs_rng).client
+    take = (lambda tree: tree) if rows is None else (lambda tree: fedavg.index(tree, rows))
     if keys is None:
       models, opt, st = self.executor.map(lambda v, o, xb, yb, mb: local(v, o, xb, yb, mb, None),
-                                          carry.models, carry.opt, x, y, m)
+                                          take(carry.models), take(carry.opt), x, y, m)
     else:
-      models, opt, st = self.executor.map(local, carry.models, carry.opt, x, y, m, keys)
-    return carry.replace(models=models, opt=opt, stats=carry.stats + st)
+      models, opt, st = self.executor.map(local, take(carry.models), take(carry.opt), x, y, m,
+                                          keys)
+    if rows is None:
+      return carry.replace(models=models, opt=opt, stats=carry.stats + st)
+    put = lambda full, part: fedavg.update_index(full, rows, part)  # noqa: E731
+    return carry.replace(models=put(carry.models, models), opt=put(carry.opt, opt),
+                         stats=put(carry.stats, take(carry.stats) + st))
 
   def end(self, carry: FLCarry, inp: RoundInputs):
     stats = carry.stats.with_nonfinite()

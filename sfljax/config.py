@@ -191,8 +191,9 @@ class Config:
       1.0, "fraction of clients taking part in each round, in (0, 1] (seeded sampling of "
       "max(1, round(fraction * clients)); shapes stay fixed, so sampling never recompiles)")
   client_block: int | None = _opt(
-      None, "compute at most this many clients at once inside the program (bounds memory; "
-      "same result as one block)")
+      None, "at most this many clients in flight at once: a step runs block by block, each "
+      "block's forward, server and backward before the next (bounds memory; same result; "
+      "not with several devices)")
   precision: str = _opt("fp32", "bf16: bfloat16 compute with float32 master weights (for "
                                 "accelerators)", choices=tuple(split.PRECISIONS))
   devices: int | None = _opt(
@@ -292,6 +293,10 @@ class Config:
     if overrides and self.algorithm in WHOLE_MODEL_ALGORITHMS:
       raise ConfigError(overrides[0], f"{self.algorithm} is not a split algorithm: drop "
                                       f"{_flag_of(overrides[0])} or pick sl/sflv1/sflv2/sflv3")
+    if self.client_block is not None and self.devices is not None and self.devices > 1:
+      raise ConfigError("client_block", f"client blocks cannot be combined with "
+                                        f"{self.devices} devices ({_flag_of('devices')}): "
+                                        "drop one of them")
     if self.client_fraction < 1 and self.algorithm == "centralized":
       raise ConfigError("client_fraction", "centralized training has one client: use 1")
     return self

@@ -11,9 +11,20 @@ compiled program:
   clients, 1 by default: with the matmul convolutions of :mod:`sfljax.conv`
   unrolling no longer pays on XLA:CPU). A group of one client is always just
   vmapped (free).
-* ``block``: with either strategy, at most ``block`` clients are computed at
-  once: blocks of that many vmapped clients run one after another (the last
-  block padded), which bounds memory and gives the one-block result.
+* ``block`` (``--client-block B``): at most B clients are in flight at once.
+  The algorithms' steps read it (:func:`sfljax.algorithms.client_blocks`): a
+  synchronous step of more than B clients runs block by block, end to end
+  (block b's clients' forward, the server for them, their backward and
+  optimizer updates, then block b + 1), so a step holds one block's
+  activations and vjp residuals instead of every client's; FL's local steps
+  likewise. Inside a block the strategy runs as configured (B clients
+  vmapped, or one after another). The result is the unblocked one (bit for
+  bit with ``sequential``; a different vmap width, or a block of a single
+  client, may round differently in the last bit). Here,
+  ``map`` itself only splits a vmapped group of more than B clients (one
+  that no step split, e.g. a custom algorithm's) into vmapped blocks run one
+  after another; a sequential map already has one client in flight. Not
+  combined with a mesh of several devices (refused: :class:`ClientExecutor`).
 
 The steps of a round are driven either by ``lax.fori_loop`` inside one
 compiled round (``step_loop="scan"``) or by a Python loop over one compiled
@@ -75,6 +86,10 @@ class ClientExecutor:
     if self.mesh is not None and CLIENT_AXIS not in self.mesh.axis_names:
       raise ValueError(f"the executor's mesh needs an axis named {CLIENT_AXIS!r}, "
                        f"got axes {self.mesh.axis_names}")
+    if self.block and self.num_devices > 1:
+      raise ValueError(f"client blocks (block={self.block}) cannot be combined with a mesh of "
+                       f"{self.num_devices} devices: blocks are taken over the whole client "
+                       "axis, which is split over the devices; drop one of them")
 
   @property
   def num_devices(self) -> int:
@@ -152,9 +167,9 @@ class ClientExecutor:
 
   def _map_local(self, fn: Callable[..., Any], *args):
     num = jax.tree.leaves(args)[0].shape[0]
-    if self.block and num > self.block:
-      return _blocked(fn, args, num, self.block)
     if self.name == "vmap" or num == 1:
+      if self.block and num > self.block:
+        return _blocked(fn, args, num, self.block)
       return jax.vmap(fn)(*args)
     if self.name == "sequential":
       unroll = num if num <= self.unroll_up_to else 1
@@ -189,18 +204,16 @@ def resolve(strategy: str = "auto", backend: str | None = None,
 def _blocked(fn, args, num: int, block: int):
   """Blocks of ``block`` clients, vmapped inside a block, one block after another.
 
-  The client axis is padded to whole blocks by repeating the last client (its
-  results are cut off), so every block -- and every output, vjp closures
-  included -- has one shape.
+  The full blocks run under a ``lax.scan``; a smaller last block (``block``
+  does not divide ``num``) is one more vmap. Outputs, vjp closures included,
+  are concatenated back into one client axis.
   """
-  blocks = -(-num // block)
-  pad = blocks * block - num
-
-  def to_blocks(x):
-    if pad:
-      x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
-    return x.reshape((blocks, block) + x.shape[1:])
-
-  _, out = jax.lax.scan(lambda c, a: (c, jax.vmap(fn)(*a)), None,
-                        jax.tree.map(to_blocks, args))
-  return jax.tree.map(lambda y: y.reshape((blocks * block,) + y.shape[2:])[:num], out)
+  full, rest = divmod(num, block)
+  _, out = jax.lax.scan(
+      lambda c, a: (c, jax.vmap(fn)(*a)), None,
+      jax.tree.map(lambda x: x[:full * block].reshape((full, block) + x.shape[1:]), args))
+  out = jax.tree.map(lambda y: y.reshape((full * block,) + y.shape[2:]), out)
+  if rest:
+    last = jax.vmap(fn)(*jax.tree.map(lambda x: x[full * block:], args))
+    out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, last)
+  return out

@@ -47,7 +47,6 @@ import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from sfljax.conv import Conv
 
@@ -93,45 +92,32 @@ def _norm(kind: str, x, *, train: bool, mask, name: str):
   raise ValueError(f"unknown norm {kind!r}: choose one of {', '.join(NORMS)}")
 
 
-def _quarters_2x2(x):
-  """The four strided views of 2x2 windows, in row-major window order."""
-  return (x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2])
+def _windows_2x2(x):
+  """[B, H, W, C] (H, W even) -> [B, H/2, W/2, C, 4], window order row-major."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  return jnp.transpose(x, (0, 1, 3, 5, 2, 4)).reshape(b, h // 2, w // 2, c, 4)
 
 
-def _window_max_2x2(x):
-  return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
-                           "VALID")
+def _unwindows_2x2(y):
+  b, h2, w2, c, _ = y.shape
+  y = jnp.transpose(y.reshape(b, h2, w2, c, 2, 2), (0, 1, 4, 2, 5, 3))
+  return y.reshape(b, 2 * h2, 2 * w2, c)
 
 
 @jax.custom_vjp
 def _max_pool_2x2_even(x):
-  return _window_max_2x2(x)
+  return jnp.max(_windows_2x2(x), axis=-1)
 
 
 def _max_pool_fwd(x):
-  y = _window_max_2x2(x)
-  return y, (x, y)
+  win = _windows_2x2(x)
+  return jnp.max(win, axis=-1), jnp.argmax(win, axis=-1)
 
 
-def _max_pool_bwd(res, g):
-  """Slices and selects: each window's gradient goes to its first maximum.
-
-  Exact: every input gets either its window's cotangent or zero (no
-  arithmetic on values), so it equals ``nn.max_pool``'s routing bit for bit.
-  The four selections are interleaved back by one stack + transpose (measured
-  ~12% faster per round than four interior-padded adds at batch 32, equal at
-  batch 1024).
-  """
-  x, y = res
-  zero = jnp.zeros((), g.dtype)
-  parts, taken = [], None
-  for q in _quarters_2x2(x):
-    hit = q == y if taken is None else (q == y) & ~taken
-    taken = hit if taken is None else taken | hit
-    parts.append(jnp.where(hit, g, zero))
-  b, h2, w2, c = g.shape
-  dx = jnp.stack(parts, axis=-1).reshape(b, h2, w2, c, 2, 2)
-  return (jnp.transpose(dx, (0, 1, 4, 2, 5, 3)).reshape(b, 2 * h2, 2 * w2, c),)
+def _max_pool_bwd(first, g):
+  onehot = first[..., None] == jnp.arange(4, dtype=first.dtype)
+  return (_unwindows_2x2(jnp.where(onehot, g[..., None], jnp.zeros((), g.dtype))),)
 
 
 _max_pool_2x2_even.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -140,12 +126,10 @@ _max_pool_2x2_even.defvjp(_max_pool_fwd, _max_pool_bwd)
 def max_pool_2x2(x):
   """2x2 max-pool with stride 2 (odd trailing rows/columns dropped), equal to
   ``nn.max_pool(x, (2, 2), strides=(2, 2))`` in value and gradient (the
-  gradient goes to the first maximum of each window, row-major), with an
-  elementwise gradient (:func:`_max_pool_bwd`): XLA:CPU runs
-  ``nn.max_pool``'s ``select_and_scatter`` gradient several times slower
-  (LeNet at batch 1024: 88 vs 5 ms forward+backward for the first pool), and
-  an argmax over transposed windows, fused with the convolution before it,
-  took ~30% of the paper's SFLV1 round (experiments/benchmark.py --suite).
+  gradient goes to the first maximum of each window), but with an
+  elementwise gradient: XLA:CPU runs ``nn.max_pool``'s ``select_and_scatter``
+  gradient 2-5x slower (LeNet's first pool over 100 clients x 32 samples:
+  270 vs 115 ms forward+backward).
   """
   _, h, w, _ = x.shape
   return _max_pool_2x2_even(x[:, :h - h % 2, :w - w % 2])

@@ -161,6 +161,12 @@ class ServerSide:
   when some participants failed (``reported`` [M] bool, ``start`` the server
   model of the round's start); called only when a round has failures to
   handle.
+
+  With client blocks (``executor.block``, :func:`sfljax.algorithms.client_blocks`)
+  ``run`` sees one block at a time: for a ``per_client`` side consecutive rows
+  of the group, otherwise the clients ``order[bB:(b+1)B]`` with the order
+  ``0..B-1`` -- so a server shared by the clients must depend on the other
+  clients only through ``order`` (as :class:`SharedServer` does).
   """
   name: str = "custom"
   per_client: bool = False

@@ -233,8 +233,11 @@ class Experiment:
         raise ConfigError("--cut", str(e)) from None
     self.cuts = cuts
     self.mesh = self._mesh()
-    self.executor = execution.resolve(cfg.strategy, step_loop=cfg.step_loop,
-                                      block=cfg.client_block, mesh=self.mesh)
+    try:
+      self.executor = execution.resolve(cfg.strategy, step_loop=cfg.step_loop,
+                                        block=cfg.client_block, mesh=self.mesh)
+    except ValueError as e:   # Client blocks over a mesh of several devices.
+      raise ConfigError("--client-block", str(e)) from None
     client_updates = cfg.rounds * cfg.local_epochs * self._steps
     participants = data.num_participants(self.client_data.num_clients, cfg.client_fraction)
     shared = False

@@ -28,7 +28,7 @@ def test_weighted_average_of_identical_models_is_that_model():
 
 
 @pytest.mark.parametrize("strategy,block", [("vmap", None), ("sequential", None),
-                                            ("sequential", 2)])
+                                            ("sequential", 2), ("vmap", 2), ("vmap", 5)])
 @pytest.mark.parametrize("num", [1, 3, 12])
 def test_executors_match_python_loop(strategy, block, num):
   ex = execution.ClientExecutor(strategy, block)

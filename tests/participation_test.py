@@ -1,4 +1,5 @@
-"""Partial participation, client blocks and mixed precision against independent computations."""
+"""Partial participation and mixed precision against independent computations
+(client blocks: ``client_block_test.py``)."""
 
 import jax
 import jax.numpy as jnp
@@ -87,18 +88,6 @@ def test_partial_participation_traffic_counts_only_participants():
     assert metrics["participants"] == 3
     # Smashed rows of one sample: 16 channels x 5 x 5 float32 after LeNet's conv2 (28x28 input).
     assert metrics["bytes_smashed"] == n * 16 * 5 * 5 * 4
-
-
-@pytest.mark.parametrize("strategy", ["vmap", "sequential"])
-@pytest.mark.parametrize("algorithm", ["sflv1", "sflv2", "fl"])
-def test_client_blocks_give_the_one_block_result(strategy, algorithm):
-  ds, parts = _unequal(5)
-  cfg = dict(algorithm=algorithm, clients=5, batch_size=6, strategy=strategy, rounds=1)
-  whole = Experiment(Config(**cfg), dataset=ds, parts=parts)
-  blocked = Experiment(Config(**cfg, client_block=2), dataset=ds, parts=parts)
-  a, _ = whole.train_round(whole.init())
-  b, _ = blocked.train_round(blocked.init())
-  assert_trees_close(whole.global_variables(a), blocked.global_variables(b), atol=1e-6)
 
 
 def test_bf16_compute_keeps_float32_master_weights_and_follows_the_float32_gradient():
