@@ -353,7 +353,8 @@ def suite(args) -> dict:
               "step_loop": args.step_loop, "client_block": args.client_block,
               "precision": args.precision, "repeats": args.repeats, "budget": args.budget,
               "fashion_mnist": args.fashion_mnist if w.get("fashion_mnist") else None}
-      r = {"workload": name, **spec, **run_worker(spec, args.timeout)}
+      load = os.getloadavg()[0]  # The machine must be quiet: recorded per row.
+      r = {"workload": name, **spec, "load_before": load, **run_worker(spec, args.timeout)}
       if args.torch and "error" not in r:
         t = run_worker({**spec, "engine": "torch"}, args.timeout)
         if "error" in t:
@@ -364,6 +365,7 @@ def suite(args) -> dict:
                    torch_samples_per_second=t["samples_per_second"],
                    torch_peak_rss_bytes=t["peak_rss_bytes"], torch_version=t["torch_version"],
                    speedup_vs_torch=t["seconds_per_round"] / r["seconds_per_round"])
+      r["load_after"] = os.getloadavg()[0]
       rows.append(r)
       if "error" in r:
         print(f"{name:15s} {alg:9s} failed: {r['error']}", flush=True)
@@ -372,7 +374,8 @@ def suite(args) -> dict:
       print(f"{name:15s} {alg:9s} {r['compile_seconds']:9.1f} {r['seconds_per_round']:9.3f} "
             f"{r['samples_per_second']:10.0f} {fmt_bytes(r['peak_rss_bytes']):>9s} "
             f"{'-' if ts is None else f'{ts:.3f}':>13s} "
-            f"{'-' if sp is None else f'{sp:.2f}x':>7s}", flush=True)
+            f"{'-' if sp is None else f'{sp:.2f}x':>7s}  load {load:.2f}-{r['load_after']:.2f}",
+            flush=True)
   return {"rows": rows}
 
 
