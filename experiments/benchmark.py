@@ -234,6 +234,22 @@ def run_worker(spec: dict, timeout: float) -> dict:
   return json.loads(lines[-1])
 
 
+def measure_pair(spec: dict, args) -> dict:
+  """sfljax's row for ``spec``; with ``--torch`` the PyTorch loop's time beside it."""
+  r = {**spec, **run_worker(spec, args.timeout)}
+  if args.torch and "error" not in r:
+    t = run_worker({**spec, "engine": "torch"}, args.timeout)
+    if "error" in t:
+      r["torch_error"] = t["error"]
+    else:
+      r.update(torch_seconds_per_round=t["seconds_per_round"],
+               torch_all_round_seconds=t["all_round_seconds"],
+               torch_samples_per_second=t["samples_per_second"],
+               torch_peak_rss_bytes=t["peak_rss_bytes"], torch_version=t["torch_version"],
+               speedup_vs_torch=t["seconds_per_round"] / r["seconds_per_round"])
+  return r
+
+
 def per_sample_spread(rows: list[dict]) -> list[dict]:
   """Per (model, algorithm): largest / smallest seconds per sample over K."""
   out = []
@@ -281,17 +297,7 @@ def grid(args) -> dict:
             print(f"{model:9s} {alg:9s} {k:5d}  skipped: predicted {predicted:.0f} s/round",
                   flush=True)
             continue
-        r = {**spec, **run_worker(spec, args.timeout)}
-        if args.torch and "error" not in r:
-          t = run_worker({**spec, "engine": "torch"}, args.timeout)
-          if "error" not in t:
-            r["torch_seconds_per_round"] = t["seconds_per_round"]
-            r["torch_samples_per_second"] = t["samples_per_second"]
-            r["torch_peak_rss_bytes"] = t["peak_rss_bytes"]
-            r["torch_version"] = t["torch_version"]
-            r["speedup_vs_torch"] = t["seconds_per_round"] / r["seconds_per_round"]
-          else:
-            r["torch_error"] = t["error"]
+        r = measure_pair(spec, args)
         rows.append(r)
         if "error" in r:
           print(f"{model:9s} {alg:9s} {k:5d}  failed: {r['error']}", flush=True)
@@ -354,17 +360,7 @@ def suite(args) -> dict:
               "precision": args.precision, "repeats": args.repeats, "budget": args.budget,
               "fashion_mnist": args.fashion_mnist if w.get("fashion_mnist") else None}
       load = os.getloadavg()[0]  # The machine must be quiet: recorded per row.
-      r = {"workload": name, **spec, "load_before": load, **run_worker(spec, args.timeout)}
-      if args.torch and "error" not in r:
-        t = run_worker({**spec, "engine": "torch"}, args.timeout)
-        if "error" in t:
-          r["torch_error"] = t["error"]
-        else:
-          r.update(torch_seconds_per_round=t["seconds_per_round"],
-                   torch_all_round_seconds=t["all_round_seconds"],
-                   torch_samples_per_second=t["samples_per_second"],
-                   torch_peak_rss_bytes=t["peak_rss_bytes"], torch_version=t["torch_version"],
-                   speedup_vs_torch=t["seconds_per_round"] / r["seconds_per_round"])
+      r = {"workload": name, "load_before": load, **measure_pair(spec, args)}
       r["load_after"] = os.getloadavg()[0]
       rows.append(r)
       if "error" in r:
