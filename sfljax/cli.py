@@ -227,7 +227,7 @@ class _Stop(Exception):
     self.code = code
 
 
-def _train(args, argv) -> int:
+def _train(args, argv, startup: "_StartUp") -> int:
   from sfljax import rundir
   from sfljax.config import ConfigError
   if args.checkpoint_every < 0:
@@ -246,6 +246,7 @@ def _train(args, argv) -> int:
       rundir.check_new(args.out, args.overwrite)   # Before any work: nothing created yet.
     from sfljax.train import Experiment
     exp = Experiment(cfg, dataset=_load(cfg))
+    startup.check()   # A Ctrl-C a callback swallowed during the imports or the loading.
     if not writer:  # Other processes of a multi-host run compute; process 0 writes.
       from sfljax.train import NonFiniteError
       try:
@@ -262,7 +263,7 @@ def _train(args, argv) -> int:
   except rundir.RunDirError as e:
     raise UsageError(str(e)) from None
   try:
-    return _train_in(args, cfg, exp, run)
+    return _train_in(args, cfg, exp, run, startup)
   except KeyboardInterrupt as e:   # Before its first round: the run holds its config only.
     what = "terminated" if isinstance(e, _Terminated) else "interrupted"
     print(f"sfljax: {what} before the first round; start it again with: sfljax train "
@@ -272,7 +273,7 @@ def _train(args, argv) -> int:
     run.release()
 
 
-def _train_in(args, cfg, exp, run) -> int:
+def _train_in(args, cfg, exp, run, startup: "_StartUp") -> int:
   import jax
   from sfljax import checkpoint, rundir
   from sfljax.train import NonFiniteError, environment
@@ -335,6 +336,7 @@ def _train_in(args, cfg, exp, run) -> int:
     except ImportError:   # A machine without tensorboardX (e.g. an offline accelerator image).
       print("sfljax: tensorboardX is not installed: no TensorBoard files (metrics.jsonl has "
             "every round)", file=sys.stderr)
+    startup.check()
     with open(run.file(rundir.METRICS), "a") as f, stop:
       exp.compile(state)
       while state.round < cfg.rounds:
@@ -466,16 +468,44 @@ class _Terminated(KeyboardInterrupt):
   """SIGTERM, handled like Ctrl-C."""
 
 
-def _on_sigterm(signum, frame):
-  raise _Terminated()
+class _StartUp:
+  """Before training, Ctrl-C and SIGTERM stop at once. An interrupt that lands while
+  Python runs a callback (JAX's garbage-collection callback, during the imports) is
+  swallowed by the interpreter as "unraisable"; the signal is remembered here and
+  raised again by :meth:`check`, so it is never lost."""
+
+  def __init__(self):
+    self.requested, self._old = None, {}
+
+  def install(self) -> "_StartUp":
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      if signal.getsignal(sig) is signal.SIG_IGN:
+        continue   # Ignored by whoever started us (e.g. a shell's background job): so be it.
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:   # Not the main thread (e.g. called from a worker thread).
+        pass
+    return self
+
+  def restore(self) -> None:
+    import signal
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+  def _handle(self, signum, frame):
+    self.requested = signum
+    self.check()
+
+  def check(self) -> None:
+    """Raises the stop asked for, if any."""
+    import signal
+    if self.requested is not None:
+      raise _Terminated() if self.requested == signal.SIGTERM else KeyboardInterrupt()
 
 
 def main(argv=None) -> int:
-  import signal
-  try:
-    signal.signal(signal.SIGTERM, _on_sigterm)
-  except ValueError:   # Not the main thread (e.g. called from a worker thread).
-    pass
+  startup = _StartUp().install()
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     args = _parser().parse_args(argv)
@@ -483,7 +513,7 @@ def main(argv=None) -> int:
       return _report(args)
     if args.command == "partition":
       return _partition(args)
-    code = _train(args, argv)
+    code = _train(args, argv, startup)
     if code in (130, 143):   # Interrupted: everything is written and said.
       _leave(code)
     return code
@@ -494,6 +524,8 @@ def main(argv=None) -> int:
     what = "terminated" if isinstance(e, _Terminated) else "interrupted"
     print(f"sfljax: {what} before training started; nothing was written", file=sys.stderr)
     _leave(143 if isinstance(e, _Terminated) else 130)
+  finally:
+    startup.restore()   # Called in-process (tests, notebooks): the caller's handlers back.
 
 
 def _leave(code: int) -> None:

@@ -216,3 +216,31 @@ def test_a_round_too_large_for_memory_is_refused_up_front(tmp_path, capsys):
   assert main(FAST + ["--local-epochs", "100000000", "--out", str(out)]) == 2
   assert "sample slots" in _one_error_line(capsys, "--local-epochs")
   assert not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_a_gc_callback_swallows_is_raised_again():
+  # What CI once met: Ctrl-C landed inside JAX's garbage-collection callback during the
+  # imports; the interpreter reports an exception there as "unraisable" and goes on,
+  # and the run trained to the end with exit code 0.
+  import gc
+  from sfljax import cli
+  startup = cli._StartUp().install()
+  fired = []
+
+  def callback(phase, info):
+    if phase == "start" and not fired:
+      fired.append(1)
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(1000):   # Python bytecode: the handler runs here, inside the callback.
+        pass
+
+  gc.callbacks.append(callback)
+  try:
+    gc.collect()   # The KeyboardInterrupt the handler raises is swallowed here.
+    assert fired and startup.requested == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      startup.check()
+  finally:
+    gc.callbacks.remove(callback)
+    startup.restore()
