@@ -176,6 +176,11 @@ class RoundInputs(NamedTuple):
   failure on the host: :func:`sfljax.faults.apply`). If nobody reports, the
   aggregated parts stay as they were at the round's start. None: everyone
   reported (the program without failure handling).
+  active: [M, T] bool or None: which of the participants' steps exist. A
+  client's step that exists takes its optimizer step even when its batch
+  has no real sample -- client-side DP-SGD with Poisson sampling
+  (:mod:`sfljax.privacy.sampling`) must release its noise whatever the
+  draw. None: a step exists when its batch has a real sample.
   """
   x: jax.Array
   y: jax.Array
@@ -187,6 +192,7 @@ class RoundInputs(NamedTuple):
   key: jax.Array
   clients: jax.Array | None = None
   reported: jax.Array | None = None
+  active: jax.Array | None = None
 
 
 @runtime_checkable
@@ -241,12 +247,31 @@ def _batch(inp: RoundInputs, t, executor: ClientExecutor, augment=None, rows=Non
   return x, y, mask, ids
 
 
-def _keys(inp: RoundInputs, ids, t, needed: bool) -> sides.Keys:
-  if not needed:
+def _keys(inp: RoundInputs, ids, t, needed: bool, noise: bool = False) -> sides.Keys:
+  """The group's keys at step ``t``: fold-ins 1, 2, 3 of each client's batch key
+  for dropout (``needed``), 4 for DP-SGD's noise (``noise``)."""
+  if not (needed or noise):
     return sides.Keys()
   base = jax.vmap(lambda c: batch_key(inp, c, t))(ids)
   fold = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(base)  # noqa: E731
-  return sides.Keys(client=fold(1), server=fold(2), tail=fold(3))
+  if not needed:
+    return sides.Keys(noise=fold(4))
+  return sides.Keys(client=fold(1), server=fold(2), tail=fold(3),
+                    noise=fold(4) if noise else None)
+
+
+def _step_active(inp: RoundInputs, s, rows, m):
+  """[G] bool: which of the group's clients take step ``s`` (``inp.active``, or a real sample)."""
+  if inp.active is None:
+    return jnp.any(m, axis=-1)
+  act = inp.active[:, s]
+  return act if rows is None else act[rows]
+
+
+def _check_privacy(alg) -> None:
+  if alg.privacy is not None and getattr(alg.model, "has_batch_stats", False):
+    raise ValueError("client-side DP-SGD needs per-example gradients, which BatchNorm mixes "
+                     "across the batch: use a model without it (--norm group or none)")
 
 
 def _zeros_stats(num_clients: int, nonfinite: bool = False) -> BatchStats:
@@ -292,8 +317,10 @@ class SplitFed:
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   compute_dtype: Any = None   # e.g. jnp.bfloat16: mixed precision, float32 master weights
   skip_nonfinite: bool = False  # drop steps with non-finite values (module docstring)
+  privacy: Any = None   # sfljax.privacy.dpsgd.DPSGD: client-side DP-SGD (module docstring)
 
   def __post_init__(self):
+    _check_privacy(self)
     cuts = tuple(self.cuts) if not isinstance(self.cuts, int) else (self.cuts,)
     object.__setattr__(self, "cuts", self.model.check_cut(cuts))
     want = self.composition.labels.num_cuts
@@ -433,7 +460,7 @@ class SplitFed:
     in row order), their step ``s``, the shared server's ``order`` over the group."""
     c = self.composition
     x, y, m, ids = _batch(inp, s, self.executor, self.augment, rows)
-    keys = _keys(inp, ids, s, self._needs_rng)
+    keys = _keys(inp, ids, s, self._needs_rng, self.privacy is not None)
     take = (lambda tree: tree) if rows is None else (lambda tree: fedavg.index(tree, rows))
     put = ((lambda full, part: part) if rows is None
            else (lambda full, part: fedavg.update_index(full, rows, part)))
@@ -450,7 +477,7 @@ class SplitFed:
       cv_new, co_new = optimizer_step(self.client_optimizer, cv_fwd, co, g)
       return keep_if(act, (cv_new, co_new), (cv_old, co))
 
-    active = jnp.any(m, axis=-1)
+    active = _step_active(inp, s, rows, m)
     if self.skip_nonfinite:
       # The server side's verdict (nonfinite 1: it dropped the batch) and the loss.
       server_ok = jnp.isfinite(stats.loss_sum)
@@ -572,6 +599,10 @@ class FedAvg:
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   compute_dtype: Any = None
   skip_nonfinite: bool = False  # drop local steps with non-finite values (module docstring)
+  privacy: Any = None   # sfljax.privacy.dpsgd.DPSGD: DP-SGD on the whole model
+
+  def __post_init__(self):
+    _check_privacy(self)
 
   def init(self, variables, num_clients: int) -> FLState:
     opt = fedavg.broadcast(self.optimizer.init(variables["params"]), num_clients)
@@ -609,11 +640,16 @@ class FedAvg:
     module = self.model.full()
     needs_rng = bool(getattr(self.model, "needs_rng", False))
 
-    def local(v, o, xb, yb, mb, key):
-      grads, v_fwd, stats = full_forward_backward(module, v, xb, yb, mb, self.compute_dtype,
-                                                  self.loss, key)
+    def local(v, o, xb, yb, mb, act, key, noise_key):
+      if self.privacy is None:
+        grads, v_fwd, stats = full_forward_backward(module, v, xb, yb, mb, self.compute_dtype,
+                                                    self.loss, key)
+      else:
+        per_example, v_fwd, stats = split_lib.full_forward_backward_per_example(
+            module, v, xb, yb, mb, self.compute_dtype, self.loss, key)
+        grads = self.privacy.privatize(per_example, mb, noise_key)
       v_new, o_new = optimizer_step(self.optimizer, v_fwd, o, grads)
-      active = jnp.any(mb)
+      active = act
       if self.skip_nonfinite:
         ok = jnp.isfinite(stats.loss_sum) & split_lib.all_finite(grads, split_lib._state(v_fwd))
         stats = stats.dropped(ok, active)
@@ -622,14 +658,19 @@ class FedAvg:
       return v, o, stats
 
     x, y, m, ids = _batch(inp, t, self.executor, self.augment, rows)
-    keys = _keys(inp, ids, t, needs_rng).client
+    keys = _keys(inp, ids, t, needs_rng, self.privacy is not None)
     take = (lambda tree: tree) if rows is None else (lambda tree: fedavg.index(tree, rows))
-    if keys is None:
-      models, opt, st = self.executor.map(lambda v, o, xb, yb, mb: local(v, o, xb, yb, mb, None),
-                                          take(carry.models), take(carry.opt), x, y, m)
-    else:
-      models, opt, st = self.executor.map(local, take(carry.models), take(carry.opt), x, y, m,
-                                          keys)
+    act = _step_active(inp, t, rows, m)
+    args = [a for a in (keys.client, keys.noise) if a is not None]
+
+    def mapped(v, o, xb, yb, mb, a, *ks):
+      ks = list(ks)
+      key = ks.pop(0) if keys.client is not None else None
+      noise_key = ks.pop(0) if keys.noise is not None else None
+      return local(v, o, xb, yb, mb, a, key, noise_key)
+
+    models, opt, st = self.executor.map(mapped, take(carry.models), take(carry.opt), x, y, m,
+                                        act, *args)
     if rows is None:
       return carry.replace(models=models, opt=opt, stats=carry.stats + st)
     put = lambda full, part: fedavg.update_index(full, rows, part)  # noqa: E731
@@ -680,7 +721,8 @@ def composition(name: str, *, num_cuts: int = 1, sflv2_order: str = "paper") -> 
 def build(name: str | sides.Composition, model: SplitModel, *, cut=None, optimizer=None,
           client_optimizer=None, server_optimizer=None, executor=ClientExecutor("vmap"),
           policy: OptimizerPolicy = PERSISTENT, sflv2_order: str = "paper", augment=None,
-          compute_dtype=None, loss: Loss | None = None, skip_nonfinite: bool = False):
+          compute_dtype=None, loss: Loss | None = None, skip_nonfinite: bool = False,
+          privacy=None):
   """The algorithm ``name`` (see :data:`ALGORITHMS`) or a composition, built.
 
   ``cut``: an int, a block name, or two of them (U-shaped); default the
@@ -694,7 +736,7 @@ def build(name: str | sides.Composition, model: SplitModel, *, cut=None, optimiz
     raise ValueError("optimizer: give an optax optimizer (or client_optimizer and "
                      "server_optimizer)")
   common = dict(executor=executor, augment=augment, compute_dtype=compute_dtype, loss=loss,
-                skip_nonfinite=skip_nonfinite)
+                skip_nonfinite=skip_nonfinite, privacy=privacy)
   if name == "fl":
     return FedAvg(model=model, optimizer=client_optimizer, policy=policy, **common)
   if name == "centralized":  # One optimizer for the whole run, never reset.

@@ -301,7 +301,11 @@ def _train_in(args, cfg, exp, run, startup: "_StartUp") -> int:
       comp = getattr(exp.algorithm, "composition", None)
       if comp is not None:
         resolved["composition"] = comp.describe()
-      rundir.write_json(run.file("config.json"), {"config": cfg.to_dict(), "resolved": resolved,
+      if exp.dp is not None:
+        resolved["dp"] = exp.dp.describe()
+      # exp.config: the config with what the run resolved (a calibrated --dp-noise).
+      rundir.write_json(run.file("config.json"), {"config": exp.config.to_dict(),
+                                                  "resolved": resolved,
                                                   "environment": environment()})
   except (rundir.RunDirError, checkpoint.CheckpointError) as e:
     raise UsageError(str(e)) from None
@@ -406,6 +410,13 @@ def _write_summary(run, history, exp, status, message=None) -> None:
              "train_seconds": sum(m["seconds"] for m in history)}
   if message is not None:
     summary["message"] = message
+  if exp.dp is not None:
+    last = history[-1] if history else {}
+    summary["dp"] = {"epsilon": last.get("epsilon", 0.0), "delta": exp.dp.delta,
+                     "noise_multiplier": exp.dp.noise_multiplier, "clip": exp.dp.clip,
+                     "accountant": exp.dp.accountant,
+                     "client_epsilon": last.get("client_epsilon"),
+                     "overflow_steps": sum(m.get("dp_overflow_steps", 0) for m in history)}
   try:
     rundir.write_json(run.file("summary.json"), summary)
   except OSError:

@@ -213,6 +213,40 @@ class Config:
       "exit 3, the last good checkpoint kept) or skip (drop that client's update for the "
       "round, logged as nonfinite_clients)", choices=("stop", "skip"))
 
+  dp_clip: float | None = _opt(
+      None, "client-side DP-SGD: clip every example's client-side gradient (FL/centralized: "
+      "whole-model gradient) to this L2 norm C; turns DP-SGD on (with --dp-noise or "
+      "--dp-epsilon); batches are then Poisson-sampled with rate batch/n_k", metavar="C")
+  dp_noise: float | None = _opt(
+      None, "DP-SGD's noise multiplier sigma: N(0, (sigma C)^2) added to the sum of clipped "
+      "gradients once per step (needs --dp-clip; or give --dp-epsilon instead)",
+      metavar="SIGMA")
+  dp_epsilon: float | None = _opt(
+      None, "DP-SGD's target epsilon for the configured rounds: without --dp-noise the noise "
+      "multiplier is calibrated before training (for the worst-off client: the largest "
+      "sampling rate) and written to config.json as --dp-noise; with it, the run checks that "
+      "the noise reaches the target (needs --dp-clip)", metavar="EPS")
+  dp_delta: float = _opt(1e-5, "DP-SGD's delta: epsilon is reported at it; must be below "
+                               "1/n_k for every client", metavar="DELTA")
+  dp_accountant: str = _opt("rdp", "DP-SGD's accountant (dp-accounting): rdp (Renyi DP) or "
+                                   "pld (privacy loss distributions, tighter, slower)",
+                            choices=("rdp", "pld"))
+  pixeldp_epsilon: float | None = _opt(
+      None, "PixelDP noise layer in the client-side model with this budget epsilon' (noise "
+      "scale sensitivity/epsilon'); unset = no noise layer", metavar="EPS")
+  pixeldp_layer: int | str | None = _opt(
+      None, "the PixelDP noise layer goes after this block (a count of blocks, 1 = after the "
+      "first, or a block name); must be on the client side of the cut; default 1",
+      type=parse_cut, metavar="BLOCK")
+  pixeldp_mechanism: str = _opt("laplace", "PixelDP's noise: laplace (L1 sensitivity) or "
+                                           "gaussian (L2 sensitivity, needs --pixeldp-delta)",
+                                choices=("laplace", "gaussian"))
+  pixeldp_delta: float | None = _opt(None, "PixelDP's delta for the gaussian mechanism",
+                                     metavar="DELTA")
+  pixeldp_draws: int | None = _opt(
+      None, "PixelDP: noise draws averaged per test prediction; unset = PixelDP's default",
+      metavar="N")
+
   def __post_init__(self):
     object.__setattr__(self, "cut", _normalize_cut(self.cut))
 
@@ -299,7 +333,59 @@ class Config:
                                         "drop one of them")
     if self.client_fraction < 1 and self.algorithm == "centralized":
       raise ConfigError("client_fraction", "centralized training has one client: use 1")
+    self._check_privacy()
     return self
+
+  @property
+  def dp(self) -> bool:
+    """Whether client-side DP-SGD is on (``dp_clip`` given)."""
+    return self.dp_clip is not None
+
+  def _check_privacy(self) -> None:
+    """The DP-SGD and PixelDP settings on their own (the data's sizes: the experiment)."""
+    if self.dp_clip is not None and not (_is_real(self.dp_clip) and self.dp_clip > 0):
+      raise ConfigError("dp_clip", f"must be a positive number, got {self.dp_clip!r}")
+    if self.dp_noise is not None and not (_is_real(self.dp_noise) and self.dp_noise >= 0):
+      raise ConfigError("dp_noise", f"must be a number >= 0, got {self.dp_noise!r}")
+    if self.dp_epsilon is not None and not (_is_real(self.dp_epsilon) and self.dp_epsilon > 0):
+      raise ConfigError("dp_epsilon", f"must be a positive number, got {self.dp_epsilon!r}")
+    if not (_is_real(self.dp_delta) and 0 < self.dp_delta < 1):
+      raise ConfigError("dp_delta", f"must be in (0, 1), got {self.dp_delta!r}")
+    given = [n for n in ("dp_noise", "dp_epsilon") if getattr(self, n) is not None]
+    if self.dp_clip is None and given:
+      raise ConfigError(given[0], f"DP-SGD needs a clipping norm: add {_flag_of('dp_clip')} C")
+    if self.dp_clip is not None and not given:
+      raise ConfigError("dp_clip", f"give the noise: {_flag_of('dp_noise')} SIGMA, or "
+                                   f"{_flag_of('dp_epsilon')} EPS to calibrate it")
+    if self.dp and self.norm == "batch":
+      raise ConfigError("norm", "DP-SGD needs per-example gradients, which BatchNorm mixes "
+                                "across the batch: use --norm group or none")
+    if self.dp and self.on_nonfinite == "skip":
+      raise ConfigError("on_nonfinite", "with DP-SGD a dropped step would depend on the data "
+                                        "(not accounted): use --on-nonfinite stop")
+    pix = [n for n in ("pixeldp_layer", "pixeldp_delta", "pixeldp_draws")
+           if getattr(self, n) is not None]
+    if self.pixeldp_epsilon is None:
+      if pix or self.pixeldp_mechanism != "laplace":
+        raise ConfigError(pix[0] if pix else "pixeldp_mechanism",
+                          f"needs the noise layer's budget: add {_flag_of('pixeldp_epsilon')}")
+      return
+    if not (_is_real(self.pixeldp_epsilon) and self.pixeldp_epsilon > 0):
+      raise ConfigError("pixeldp_epsilon", f"must be a positive number, got "
+                                           f"{self.pixeldp_epsilon!r}")
+    if self.pixeldp_mechanism == "gaussian":
+      if self.pixeldp_delta is None:
+        raise ConfigError("pixeldp_mechanism", f"gaussian needs {_flag_of('pixeldp_delta')}")
+      if not (_is_real(self.pixeldp_delta) and 0 < self.pixeldp_delta < 1):
+        raise ConfigError("pixeldp_delta", f"must be in (0, 1), got {self.pixeldp_delta!r}")
+    if self.pixeldp_draws is not None:
+      _positive_int("pixeldp_draws", self.pixeldp_draws)
+    if self.pixeldp_layer is not None and _is_int(self.pixeldp_layer) and self.pixeldp_layer < 1:
+      raise ConfigError("pixeldp_layer", f"must be a block count >= 1 or a block name, got "
+                                         f"{self.pixeldp_layer!r}")
+    if self.algorithm in WHOLE_MODEL_ALGORITHMS:
+      raise ConfigError("pixeldp_epsilon", f"the noise layer protects the smashed data; "
+                                           f"{self.algorithm} has no cut")
 
   def _check_cut(self) -> None:
     """The cut's syntax; the model resolves it (``SplitModel.resolve_cuts``)."""

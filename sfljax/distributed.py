@@ -399,7 +399,7 @@ def fetch(tree):
 # -- what is sharded ---------------------------------------------------------
 
 def input_shardings(mesh: Mesh, inputs: RoundInputs | None = None) -> RoundInputs:
-  """Per-client inputs (x, y, idx, mask, weights, clients, reported) sharded,
+  """Per-client inputs (x, y, idx, mask, weights, clients, reported, active) sharded,
   orders and key replicated. With partial participation the participants'
   rows (idx, mask, weights, clients, reported) are split over the devices
   like the clients, so device d must hold its own clients' rows (the
@@ -408,9 +408,10 @@ def input_shardings(mesh: Mesh, inputs: RoundInputs | None = None) -> RoundInput
   exactly, e.g. for ``jax.jit``'s ``in_shardings``)."""
   c, r = _clients(mesh), _replicated(mesh)
   sh = RoundInputs(x=c, y=c, idx=c, mask=c, weights=c, step_orders=r, client_order=r, key=r,
-                   clients=c, reported=c)
+                   clients=c, reported=c, active=c)
   if inputs is not None:
-    sh = sh._replace(**{f: None for f in ("clients", "reported") if getattr(inputs, f) is None})
+    sh = sh._replace(**{f: None for f in ("clients", "reported", "active")
+                        if getattr(inputs, f) is None})
   return sh
 
 

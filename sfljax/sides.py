@@ -327,6 +327,14 @@ class Keys:
   client: Any = None
   server: Any = None
   tail: Any = None
+  noise: Any = None   # client-side DP-SGD's noise keys (algorithms with ``privacy``)
+
+
+def private_gradients(alg, per_example, mask, keys: Keys):
+  """Every client's DP-SGD gradient (``alg.privacy``, :mod:`sfljax.privacy.dpsgd`)
+  from its per-example gradients ``[G, B, ...]``: clipped jointly over all of
+  the client's parameters (head and tail), summed over real rows, noised once."""
+  return alg.executor.map(alg.privacy.privatize, per_example, mask, keys.noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,11 +347,13 @@ class ServerLabels:
 
   def exchange(self, alg, parts, cvars, svars, sopt, x, y, m, keys: Keys, order):
     """One forward/backward of a group: ``(client grads, client vars after the
-    forward, server vars, server opt, stats)``."""
+    forward, server vars, server opt, stats)``. With ``alg.privacy`` the
+    client grads are DP-SGD's (per-example vjps of the head, clipped, noised)."""
     head, server_mod = parts
     dtype, active = alg.compute_dtype, jnp.any(m, axis=-1)
-    smashed, cvars_fwd, backward = split.clients_forward(alg.executor, head, cvars, x, m, dtype,
-                                                         keys.client)
+    private = getattr(alg, "privacy", None) is not None
+    forward = split.clients_forward_per_example if private else split.clients_forward
+    smashed, cvars_fwd, backward = forward(alg.executor, head, cvars, x, m, dtype, keys.client)
 
     def turn(sv, so, p):
       a, yb, mb, act, key = p
@@ -353,6 +363,9 @@ class ServerLabels:
 
     svars, sopt, (d_smashed, stats) = alg.composition.server.run(
         turn, svars, sopt, (smashed, y, m, active, keys.server), order, alg.executor)
+    if private:   # The mean loss sent d loss_i / count: scaled back to each example's own.
+      per_example = backward(d_smashed, jnp.sum(m, axis=-1, dtype=jnp.float32))
+      return private_gradients(alg, per_example, m, keys), cvars_fwd, svars, sopt, stats
     return backward(d_smashed), cvars_fwd, svars, sopt, stats
 
 
@@ -371,18 +384,22 @@ class ClientLabels:
   server_forward: Callable[..., Any] = split.server_body_forward
   server_backward: Callable[..., Any] = split.server_body_backward
   client_tail: Callable[..., Any] = split.client_tail_forward_backward
+  client_tail_per_example: Callable[..., Any] = split.tail_forward_backward_per_example
 
   def exchange(self, alg, parts, cvars, svars, sopt, x, y, m, keys: Keys, order):
     head, body, tail = parts
     dtype, active = alg.compute_dtype, jnp.any(m, axis=-1)
+    private = getattr(alg, "privacy", None) is not None
     head_vars, tail_vars = subset(cvars, head.names), subset(cvars, tail.names)
-    smashed, head_fwd, head_backward = split.clients_forward(alg.executor, head, head_vars, x, m,
-                                                             dtype, keys.client)
+    forward = split.clients_forward_per_example if private else split.clients_forward
+    smashed, head_fwd, head_backward = forward(alg.executor, head, head_vars, x, m, dtype,
+                                               keys.client)
+    client_tail = self.client_tail_per_example if private else self.client_tail
 
     def turn(sv, so, p):
       a, tv, yb, mb, act, skey, tkey = p
       out, vjp_fn, sv_fwd = self.server_forward(body, sv, a, mb, dtype, skey)
-      tgrads, d_out, tv_new, stats = self.client_tail(tail, tv, out, yb, mb, dtype, alg.loss, tkey)
+      tgrads, d_out, tv_new, stats = client_tail(tail, tv, out, yb, mb, dtype, alg.loss, tkey)
       grads, d_a = self.server_backward(vjp_fn, d_out)
       sv, so, stats = alg.checked_server_update(sv, so, sv_fwd, grads, act, stats)
       return sv, so, (d_a, tgrads, split._state(tv_new), stats)
@@ -390,8 +407,12 @@ class ClientLabels:
     svars, sopt, (d_smashed, tail_grads, tail_state, stats) = alg.composition.server.run(
         turn, svars, sopt, (smashed, tail_vars, y, m, active, keys.server, keys.tail), order,
         alg.executor)
-    grads = merge_parts(head_backward(d_smashed), tail_grads)
     cvars_fwd = merge_parts(head_fwd, {**tail_state, "params": tail_vars["params"]})
+    if private:   # Head and tail clipped together: one per-example gradient of the client.
+      head_grads = head_backward(d_smashed, jnp.sum(m, axis=-1, dtype=jnp.float32))
+      per_example = merge_parts(head_grads, tail_grads)
+      return private_gradients(alg, per_example, m, keys), cvars_fwd, svars, sopt, stats
+    grads = merge_parts(head_backward(d_smashed), tail_grads)
     return grads, cvars_fwd, svars, sopt, stats
 
 

@@ -204,6 +204,100 @@ def clients_forward(executor: ClientExecutor, module: Sequential,
   return smashed, _with_params(new_state, variables["params"]), backward
 
 
+def _example_key(key, i):
+  return None if key is None else jax.random.fold_in(key, i)
+
+
+def clients_forward_per_example(executor: ClientExecutor, module: Sequential,
+                                variables: Variables, x, mask, compute_dtype=None, keys=None):
+  """:func:`clients_forward` with one ``jax.vjp`` per example (client-side DP-SGD).
+
+  Every client runs its part on each example alone (``jax.vmap`` over the
+  batch inside the client's map), so its closure turns the smashed-data
+  cotangent into per-example gradients. Returns ``(smashed, new_variables,
+  backward)``; ``backward(d_smashed, scale)`` gives every client's gradients
+  ``[K, B, ...]``, example i's from row i of the cotangent times ``scale``
+  ([K]). Row i depends on example i alone when nothing on the server side
+  mixes examples (no BatchNorm); a mean loss over the batch's real samples
+  sends ``d loss_i / count``, so ``scale = count`` gives each example's own
+  loss gradient. Example i's random draws (dropout, a noise layer) use
+  ``fold_in(key, i)``. Models with BatchNorm statistics are not supported
+  (they mix examples): their statistics are left unchanged.
+  """
+  def one(params, state, xb, mb, key):
+    def example(xi, mi, i):
+      def forward(p):
+        out, _ = apply_with_state(module, _with_params(state, p), xi[None], mi[None],
+                                  compute_dtype, _example_key(key, i))
+        return out[0]
+      return jax.vjp(forward, params)
+
+    smashed, vjp_fns = jax.vmap(example)(xb, mb, jnp.arange(xb.shape[0]))
+    return smashed, vjp_fns
+
+  if keys is None:
+    smashed, vjp_fns = executor.map(lambda p, s, xb, mb: one(p, s, xb, mb, None),
+                                    variables["params"], _state(variables), x, mask)
+  else:
+    smashed, vjp_fns = executor.map(one, variables["params"], _state(variables), x, mask, keys)
+
+  def backward(d_smashed, scale):
+    def client(vjp_fns, d, c):
+      d = d * c.astype(d.dtype)
+      return jax.vmap(lambda f, di: f(di)[0])(vjp_fns, d)
+    return executor.map(client, vjp_fns, d_smashed, scale)
+
+  return smashed, variables, backward
+
+
+def _per_example_loss_grads(module, variables, inputs, labels, mask, compute_dtype, loss, rng,
+                            wrt_input: bool):
+  """Per-example ``(grads [B, ...], d_inputs [B, ...] or None, logits [B, C])``
+  of each example's own loss (a padded example's are zero)."""
+  loss = cross_entropy if loss is None else loss
+  argnums = (0, 1) if wrt_input else 0
+
+  def example(a, y, m, i):
+    def loss_fn(params, a):
+      logits, _ = apply_with_state(module, _with_params(variables, params), a[None], m[None],
+                                   compute_dtype, _example_key(rng, i))
+      logits = logits.astype(jnp.float32)
+      return loss(logits, y[None], m[None]), logits[0]
+    (_, logits), g = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=True)(
+        variables["params"], a)
+    return (*g, logits) if wrt_input else (g, None, logits)
+
+  return jax.vmap(example)(inputs, labels, mask, jnp.arange(mask.shape[0]))
+
+
+def tail_forward_backward_per_example(module: Sequential, variables: Variables, body_out, labels,
+                                      mask, compute_dtype=None, loss: Loss | None = None,
+                                      rng=None):
+  """U-shaped split, client side, for client-side DP-SGD: the tail's per-example
+  gradients (``[B, ...]``, each of that example's own loss) and the batch's
+  cotangent of the body output (the mean loss's, as
+  :func:`client_tail_forward_backward` sends). Returns ``(per_example_grads,
+  d_body_out, variables, stats)``. Example i's random draws use
+  ``fold_in(rng, i)``; BatchNorm is not supported (see
+  :func:`clients_forward_per_example`).
+  """
+  grads, d_out, logits = _per_example_loss_grads(module, variables, body_out, labels, mask,
+                                                 compute_dtype, loss, rng, True)
+  _, stats = masked_loss(logits, labels, mask, loss)
+  count = jnp.maximum(stats.count, 1.0)
+  return grads, (d_out / count).astype(d_out.dtype), variables, stats
+
+
+def full_forward_backward_per_example(module: Sequential, variables: Variables, x, labels, mask,
+                                      compute_dtype=None, loss: Loss | None = None, rng=None):
+  """Whole-model per-example gradients (FL and centralized with DP-SGD):
+  ``(per_example_grads [B, ...], variables, stats)``."""
+  grads, _, logits = _per_example_loss_grads(module, variables, x, labels, mask, compute_dtype,
+                                             loss, rng, False)
+  _, stats = masked_loss(logits, labels, mask, loss)
+  return grads, variables, stats
+
+
 def server_forward_backward(module: Sequential, variables: Variables,
                             smashed, labels, mask, compute_dtype=None, loss: Loss | None = None,
                             rng=None):

@@ -72,6 +72,12 @@ METRICS: dict[str, str] = {
     "bytes_model_down": "the same, downloaded at the round's start",
     "bytes_server_out": "U-shaped: the server body's output, server to client",
     "bytes_server_out_grad": "U-shaped: its cotangent, client to server",
+    "epsilon": "client-side DP-SGD (--dp-clip): the largest epsilon over clients at "
+               "--dp-delta after this round (each client's own Poisson rate and steps so far; "
+               "the accountant is --dp-accountant)",
+    "client_epsilon": "DP-SGD: list over all K clients, each client's epsilon so far",
+    "dp_overflow_steps": "DP-SGD: steps dropped this round because a Poisson draw exceeded "
+                         "the batch buffer (counted in epsilon and delta; expected 0)",
 }
 """Every key of a round's metrics, and how to read it."""
 
@@ -91,9 +97,11 @@ class NonFiniteError(RuntimeError):
 
 
 class RunState(NamedTuple):
-  """The algorithm's pytree state and the number of finished rounds."""
+  """The algorithm's pytree state, the number of finished rounds and, with
+  client-side DP-SGD, the privacy ledger (host side, saved with checkpoints)."""
   algo: Any
   round: int
+  privacy: Any = None   # sfljax.privacy.accounting.Ledger
 
 
 def environment() -> dict[str, Any]:
@@ -196,6 +204,7 @@ class Experiment:
                         f"clients x {config.local_epochs} local epochs x {self._steps} steps x "
                         f"batch {self.batch_size}); at most {_MAX_SLOTS:,} fit: lower "
                         "--local-epochs or --clients")
+    self.dp = self._plan_privacy()
     self.algorithm = self._algorithm(algorithm, client_optimizer, server_optimizer)
     self.cuts = getattr(self.algorithm, "cuts", ())
     self._finish_init()
@@ -267,11 +276,33 @@ class Experiment:
           sflv2_order=cfg.sflv2_order,
           augment=data.augmentation(cfg.dataset) if cfg.augment else None,
           compute_dtype=self.compute_dtype, loss=self.loss,
-          skip_nonfinite=cfg.on_nonfinite == "skip")
+          skip_nonfinite=cfg.on_nonfinite == "skip",
+          privacy=None if self.dp is None else self.dp.dpsgd())
     except sides.CompositionError as e:
       raise ConfigError("--algorithm", str(e)) from None
     except ValueError as e:
       raise ConfigError("--cut", str(e)) from None
+
+  def _plan_privacy(self):
+    """Client-side DP-SGD's plan (None without ``dp_clip``); the calibrated
+    noise multiplier goes into :attr:`config` as ``dp_noise``."""
+    cfg = self.config
+    if not cfg.dp:
+      return None
+    from sfljax.privacy import client_dp
+    if getattr(self.model, "has_batch_stats", False):
+      raise ConfigError("--norm", "DP-SGD needs per-example gradients, which BatchNorm mixes "
+                                  "across the batch: use --norm group or none")
+    try:
+      plan = client_dp.ClientDP.plan(
+          self.client_data.counts, self.batch_size, clip=cfg.dp_clip,
+          noise_multiplier=cfg.dp_noise, target_epsilon=cfg.dp_epsilon, delta=cfg.dp_delta,
+          accountant=cfg.dp_accountant, rounds=cfg.rounds, local_epochs=cfg.local_epochs)
+    except client_dp.PlanError as e:
+      raise ConfigError(e.field, str(e)) from None
+    if cfg.dp_noise is None:
+      self.config = dataclasses.replace(cfg, dp_noise=plan.noise_multiplier)
+    return plan
 
   def _override(self, comp: sides.Composition) -> sides.Composition:
     """The config's --client-aggregation / --server-side / --schedule choices applied."""
@@ -448,19 +479,40 @@ class Experiment:
                                seed=self.config.seed, round_index=round_index,
                                strata=self.strata)
 
-  def round_inputs(self, round_index: int) -> algorithms.RoundInputs:
-    """The round's batches and client orders, drawn from (seed, round)."""
+  def _schedule(self, round_index: int):
+    """The round's host-side plan: ``(ids, counts, idx, mask, active, overflow,
+    reported)`` -- ``active``/``overflow`` [M, T] with DP-SGD's Poisson batches,
+    else None."""
     cfg, cd = self.config, self.client_data
     ids = self.participants(round_index)
     counts = cd.counts if ids is None else cd.counts[ids]
+    active = overflow = None
     # Steps come from all clients' counts, so every round has the same shapes.
-    idx, mask = data.batch_schedule(counts, self.batch_size, seed=cfg.seed,
-                                    round_index=round_index, local_epochs=cfg.local_epochs,
-                                    client_ids=ids, steps=self._steps)
+    if self.dp is None:
+      idx, mask = data.batch_schedule(counts, self.batch_size, seed=cfg.seed,
+                                      round_index=round_index, local_epochs=cfg.local_epochs,
+                                      client_ids=ids, steps=self._steps)
+    else:
+      from sfljax.privacy import sampling
+      idx, mask, active, overflow = sampling.poisson_schedule(
+          counts, self.batch_size, self.dp.buffer, seed=cfg.seed, round_index=round_index,
+          local_epochs=cfg.local_epochs, client_ids=ids, steps=self._steps)
     reported = None
     if cfg.dropout_rate > 0:   # Client faults: a seeded draw per round (sfljax.faults).
-      drawn = faults.draw(cfg.seed, round_index, mask, cfg.dropout_rate, cfg.dropout_point)
+      steps = mask if active is None else active[:, :, None]   # DP: empty draws are steps too
+      drawn = faults.draw(cfg.seed, round_index, steps, cfg.dropout_rate, cfg.dropout_point)
       mask, reported = faults.apply(mask, drawn, cfg.dropout_point), drawn.reported
+      if active is not None:
+        active = faults.apply(active[:, :, None], drawn, cfg.dropout_point)[:, :, 0]
+    return ids, counts, idx, mask, active, overflow, reported
+
+  def round_inputs(self, round_index: int) -> algorithms.RoundInputs:
+    """The round's batches and client orders, drawn from (seed, round)."""
+    return self._inputs(round_index, self._schedule(round_index))
+
+  def _inputs(self, round_index, schedule) -> algorithms.RoundInputs:
+    cfg = self.config
+    ids, counts, idx, mask, active, _, reported = schedule
     k, t = len(counts), idx.shape[1]
     rng = data.rng_for(cfg.seed, data._ORDER_STREAM, round_index)
     client_order = rng.permutation(k).astype(np.int32)
@@ -474,7 +526,8 @@ class Experiment:
     if ids is not None:
       weights, clients = self._place_clients((counts.astype(np.float32), ids))
     return algorithms.RoundInputs(self._x, self._y, *per_client, weights, *orders, clients,
-                                  None if reported is None else self._place_clients(reported))
+                                  None if reported is None else self._place_clients(reported),
+                                  None if active is None else self._place_clients(active))
 
   @property
   def steps_per_round(self) -> int:
@@ -494,7 +547,8 @@ class Experiment:
       variables = distributed.replicate(distributed.fetch(variables), self.mesh)
       algo_init = jax.jit(self.algorithm.init, static_argnums=1,
                           out_shardings=self._shardings.state)
-    return RunState(algo_init(variables, self.client_data.num_clients), 0)
+    return RunState(algo_init(variables, self.client_data.num_clients), 0,
+                    None if self.dp is None else self.dp.ledger())
 
   def _run_round(self, algo, inputs):
     p = self._programs
@@ -527,8 +581,9 @@ class Experiment:
 
   def train_round(self, state: RunState) -> tuple[RunState, dict[str, Any]]:
     """One global epoch without evaluation (its program compiles on the first call)."""
-    ids = self.participants(state.round)
-    inputs = self.round_inputs(state.round)
+    schedule = self._schedule(state.round)
+    ids = schedule[0]
+    inputs = self._inputs(state.round, schedule)
     algo, stats = self._run_round(state.algo, inputs)
     stats = distributed.fetch(stats)   # Once per round (all processes take part).
     reported = (np.ones(len(stats.count), bool) if inputs.reported is None
@@ -547,7 +602,16 @@ class Experiment:
            else np.asarray(stats.nonfinite) > 0)
     if not np.any(reported & ~bad):
       algo = state.algo   # Nobody reported: the round changes nothing (server side included).
-    return RunState(algo, state.round + 1), {
+    ledger, private = state.privacy, {}
+    if self.dp is not None:   # Every step the mechanism ran (a failure's earlier steps too).
+      from sfljax.privacy import accounting
+      ledger = accounting.Ledger.from_dict(state.privacy.to_dict())
+      active, overflow = schedule[4], schedule[5]
+      ledger.record(rows, active.sum(axis=1), overflow.sum(axis=1))
+      private = {"epsilon": ledger.epsilon(),
+                 "client_epsilon": [float(e) for e in ledger.epsilons()],
+                 "dp_overflow_steps": int(overflow.sum())}
+    return RunState(algo, state.round + 1, ledger), {**private,
         "train_loss": float(np.sum(stats.loss_sum)) / count,
         "train_accuracy": float(np.sum(stats.correct)) / count,
         "client_train_loss": loss, "client_train_accuracy": acc,
@@ -657,8 +721,10 @@ class Experiment:
     Returns the round's directory."""
     from sfljax import checkpoint
     ckpt = self._checkpoints(path, keep)
-    return ckpt.save(state.round, state.algo, self.global_variables(state),
-                     {"config": self.config.to_dict()})
+    meta = {"config": self.config.to_dict()}
+    if state.privacy is not None:
+      meta["privacy"] = state.privacy.to_dict()
+    return ckpt.save(state.round, state.algo, self.global_variables(state), meta)
 
   def restore(self, path: str, round_index: int | None = None) -> RunState:
     """The state saved in the checkpoint directory ``path`` (default: its newest
@@ -675,7 +741,14 @@ class Experiment:
           f"{path}: saved by a run with other settings: "
           + ", ".join(f"{k}={stored[k]!r} (here {mine[k]!r})" for k in differ[:4]))
     algo, meta = ckpt.restore(self.init().algo, round_index)
-    return RunState(algo, int(meta["round"]))
+    ledger = None
+    if self.dp is not None:
+      from sfljax.privacy import accounting
+      if "privacy" not in meta:
+        raise checkpoint.CheckpointError(f"{path}: has no privacy ledger (saved by a run "
+                                         "without DP-SGD)")
+      ledger = accounting.Ledger.from_dict(meta["privacy"])
+    return RunState(algo, int(meta["round"]), ledger)
 
   def _checkpoints(self, path, keep):
     from sfljax import checkpoint

@@ -80,6 +80,9 @@ def test_every_flag_parses_to_the_constructed_config():
           "--precision", "bf16", "--devices", "1", "--client-aggregation", "none",
           "--server-side", "shared", "--schedule", "client_major", "--dropout-rate", "0.2",
           "--dropout-point", "before_upload", "--on-nonfinite", "skip", "--out", "/tmp/x",
+          "--dp-clip", "0.5", "--dp-noise", "1.3", "--dp-epsilon", "2", "--dp-delta", "1e-6",
+          "--dp-accountant", "pld", "--pixeldp-epsilon", "2", "--pixeldp-layer", "conv1",
+          "--pixeldp-mechanism", "gaussian", "--pixeldp-delta", "1e-5", "--pixeldp-draws", "8",
           "--quiet"]
   want = Config(algorithm="sflv2", model="alexnet", cut="conv1,fc2", norm="group", dropout=0.25,
                 dataset="mnist", data_dir="/d", clients=7, rounds=3, local_epochs=2,
@@ -92,7 +95,9 @@ def test_every_flag_parses_to_the_constructed_config():
                 eval_batch_size=64, client_fraction=0.5, client_block=2, precision="bf16",
                 devices=1, client_aggregation="none", server_side="shared",
                 schedule="client_major", dropout_rate=0.2, dropout_point="before_upload",
-                on_nonfinite="skip")
+                on_nonfinite="skip", dp_clip=0.5, dp_noise=1.3, dp_epsilon=2.0, dp_delta=1e-6,
+                dp_accountant="pld", pixeldp_epsilon=2.0, pixeldp_layer="conv1",
+                pixeldp_mechanism="gaussian", pixeldp_delta=1e-5, pixeldp_draws=8)
   assert _parse(argv) == want
   default = Config()
   untouched = [f.name for f in dataclasses.fields(Config) if f.metadata.get("cli", True)
