@@ -185,6 +185,9 @@ class Experiment:
       raise ConfigError("--model", f"the model is built for inputs {tuple(model.input_shape)} and "
                                    f"{model.num_classes} classes, but the dataset has inputs "
                                    f"{tuple(ds.input_shape)} and {ds.num_classes} classes")
+    self._noise_cuts = None
+    if config.pixeldp_epsilon is not None:
+      model, self._noise_cuts = _with_noise_layer(config, model)
     self.model = model
     self.mesh = None
     self.loss = make_loss(config) if loss is None else loss
@@ -237,7 +240,7 @@ class Experiment:
     cuts = ()
     if split_alg:
       try:
-        cuts = self.model.resolve_cuts(cfg.cut)
+        cuts = self._noise_cuts or self.model.resolve_cuts(cfg.cut)
       except ValueError as e:
         raise ConfigError("--cut", str(e)) from None
     self.cuts = cuts
@@ -268,6 +271,9 @@ class Experiment:
         raise ConfigError(flag, str(e)) from None
 
     copt = client_optimizer if client_optimizer is not None else named("client", client_updates)
+    if cfg.pixeldp_epsilon is not None:   # The pre-noise layers' bound after every update.
+      from sfljax.privacy import pixeldp
+      copt = pixeldp.projected(copt, pixeldp.model_projection(self.model))
     sopt = server_optimizer if server_optimizer is not None else named("server", server_updates)
     try:
       return algorithms.build(
@@ -449,6 +455,23 @@ class Experiment:
 
   def _evaluate_arrays(self, variables, x, y):
     module = self.model.full()
+    cfg = self.config
+    if cfg.pixeldp_epsilon is not None:
+      # PixelDP's prediction: the mean softmax over noise draws, keys from the seed.
+      from sfljax.privacy import pixeldp
+      draws = cfg.pixeldp_draws or pixeldp.DEFAULT_DRAWS
+      base = jax.random.fold_in(jax.random.key(cfg.seed + 2), 0)
+
+      def noisy(batch):
+        xb, yb, i = batch
+        probs = pixeldp.predict_with_draws(pixeldp.noisy_apply(module), variables, xb,
+                                           jax.random.fold_in(base, i), draws)
+        p_true = jnp.take_along_axis(probs, yb[:, None], axis=-1)[:, 0]
+        loss = -jnp.log(jnp.maximum(p_true, jnp.finfo(jnp.float32).tiny))
+        return loss, jnp.argmax(probs, -1) == yb
+
+      loss, correct = jax.lax.map(noisy, (x, y, jnp.arange(x.shape[0])))
+      return loss.reshape(-1), correct.reshape(-1)
 
     def one(batch):
       xb, yb = batch
@@ -541,6 +564,10 @@ class Experiment:
   def init(self) -> RunState:
     """Initial state: one full-model init from the seed, split into parts."""
     variables = jax.jit(self.model.init)(jax.random.key(self.config.seed))
+    if self.config.pixeldp_epsilon is not None:   # The bound holds from the first step.
+      from sfljax.privacy import pixeldp
+      variables = {**variables,
+                   "params": jax.jit(pixeldp.model_projection(self.model))(variables["params"])}
     if self.mesh is None:
       algo_init = jax.jit(self.algorithm.init, static_argnums=1)
     else:
@@ -779,6 +806,41 @@ _MAX_SLOTS = 2 ** 31
 
 _HARMLESS_FIELDS = frozenset({"eval_batch_size"})
 """Config fields that may differ between a checkpoint and the run restoring it."""
+
+
+def _with_noise_layer(config: Config, model: models.SplitModel):
+  """``model`` with the PixelDP noise layer of ``config`` and the run's cuts
+  (resolved on ``model``, shifted past the noise block); ConfigError when
+  the layer is not on the client side."""
+  from sfljax.privacy import pixeldp
+  layer = 1 if config.pixeldp_layer is None else config.pixeldp_layer
+  names = model.block_names
+  if isinstance(layer, str) and not layer.isdigit():
+    if layer not in names:
+      raise ConfigError("--pixeldp-layer", f"unknown block {layer!r}: {model.name}'s blocks are "
+                                           f"{', '.join(names)}")
+    pos = names.index(layer) + 1
+  else:
+    pos = int(layer)
+  try:
+    cuts = model.resolve_cuts(config.cut)
+  except ValueError as e:
+    raise ConfigError("--cut", str(e)) from None
+  if pos > cuts[0]:
+    raise ConfigError("--pixeldp-layer", f"after block {pos} ({names[min(pos, len(names)) - 1]})"
+                                         f" is past the cut (the client holds the first "
+                                         f"{cuts[0]} blocks): the noise layer must be on the "
+                                         f"client side; pick a block up to {names[cuts[0] - 1]}")
+  try:
+    pixeldp.noise_scale(config.pixeldp_epsilon, config.pixeldp_mechanism, config.pixeldp_delta)
+  except ValueError as e:
+    raise ConfigError("--pixeldp-epsilon", str(e)) from None
+  try:
+    noisy = pixeldp.insert_noise_layer(model, pos, config.pixeldp_epsilon,
+                                       config.pixeldp_mechanism, config.pixeldp_delta)
+  except ValueError as e:
+    raise ConfigError("--pixeldp-layer", str(e)) from None
+  return noisy, tuple(c + 1 for c in cuts)
 
 
 def _all_finite(tree) -> jax.Array:

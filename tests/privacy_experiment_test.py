@@ -7,6 +7,7 @@ import math
 import warnings
 
 import dp_accounting
+import jax
 import numpy as np
 import pytest
 
@@ -72,6 +73,11 @@ def test_calibrated_noise_is_written_and_reaches_the_target(tmp_path):
     (["--dp-clip", "1", "--dp-noise", "0.3", "--dp-epsilon", "1"], "--dp-noise"),
     (["--pixeldp-layer", "1"], "--pixeldp-layer"),
     (["--pixeldp-epsilon", "-1"], "--pixeldp-epsilon"),
+    (["--pixeldp-epsilon", "1", "--pixeldp-layer", "3", "--norm", "none"], "--pixeldp-layer"),
+    (["--pixeldp-epsilon", "1", "--norm", "batch"], "--pixeldp-layer"),
+    (["--pixeldp-epsilon", "2", "--pixeldp-mechanism", "gaussian", "--pixeldp-delta", "1e-5",
+      "--norm", "none"], "--pixeldp-epsilon"),
+    (["--pixeldp-epsilon", "1", "--algorithm", "fl"], "--pixeldp-epsilon"),
 ])
 def test_bad_privacy_settings_are_one_line(argv, flag, capsys, tmp_path):
   out = tmp_path / "run"
@@ -86,3 +92,26 @@ def test_bad_privacy_settings_are_one_line(argv, flag, capsys, tmp_path):
 def test_batchnorm_refused_in_the_api():
   with pytest.raises(ConfigError, match="BatchNorm"):
     Experiment(Config(**{**BASE, "norm": "batch"}))
+
+
+def test_pixeldp_run_keeps_the_pre_noise_bound_and_noises_predictions():
+  from sfljax.privacy import pixeldp
+  cfg = Config(dataset="digits", clients=3, rounds=1, batch_size=64, norm="none", lr=0.05,
+               optimizer="sgd", pixeldp_epsilon=1.0, pixeldp_layer="conv1", pixeldp_draws=2,
+               cut="conv2", seed=1)
+  exp = Experiment(cfg)
+  assert exp.model.block_names[:3] == ("conv1", "pixeldp", "conv2") and exp.cut == 3
+  state = exp.init()
+  params = exp.global_variables(state)["params"]
+  big = {**params, "conv1": jax.tree.map(lambda a: a * 50, params["conv1"])}
+  assert pixeldp.model_sensitivity(exp.model, big) > 1      # the bound can be broken ...
+  state, _ = exp.step(state)
+  trained = exp.global_variables(state)["params"]
+  assert pixeldp.model_sensitivity(exp.model, trained) <= 1 + 1e-4   # ... training keeps it
+  # Predictions are noisy: the same weights without the noise layer score otherwise.
+  plain = Experiment(Config(**{**cfg.to_dict(), "pixeldp_epsilon": None, "pixeldp_layer": None,
+                               "pixeldp_draws": None}))
+  variables = exp.global_variables(state)
+  noisy = exp.evaluate(state)["test_loss"]
+  clean = float(np.mean(plain._eval(variables, *plain._test)[0][:plain._n_test]))
+  assert np.isfinite(noisy) and np.isfinite(clean) and abs(noisy - clean) > 1e-3

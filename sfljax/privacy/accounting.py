@@ -33,6 +33,9 @@ the client-side model updates produced by the mechanism above are covered.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import math
 from typing import Any
 
@@ -123,7 +126,22 @@ def epsilon(q: float, noise_multiplier: float, steps: int, delta: float,
     return 0.0
   if float(noise_multiplier) == 0.0:
     return math.inf
-  return float(_fresh(accountant).compose(event).get_epsilon(delta))
+  with quiet():
+    return float(_fresh(accountant).compose(event).get_epsilon(delta))
+
+
+@contextlib.contextmanager
+def quiet():
+  """dp-accounting logs a warning (absl) for every Renyi order it cannot
+  evaluate at a small noise and leaves that order out, correctly; those lines
+  say nothing to the user, so they are held back while it computes."""
+  log = logging.getLogger("absl")
+  level = log.level
+  log.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    log.setLevel(level)
 
 
 def _bracket(gap, start: float, shrink: float) -> tuple[float, float]:

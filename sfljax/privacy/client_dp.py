@@ -10,9 +10,7 @@ worst-off client over the configured rounds), and a fresh
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 
 import numpy as np
 
@@ -56,7 +54,7 @@ class ClientDP:
     bound under partial participation) is at most ``target_epsilon``; with
     both, the given noise must reach the target.
     """
-    with _quiet_accountant():
+    with accounting.quiet():
       return cls._plan(counts, batch_size, clip=clip, noise_multiplier=noise_multiplier,
                        target_epsilon=target_epsilon, delta=delta, accountant=accountant,
                        rounds=rounds, local_epochs=local_epochs)
@@ -101,20 +99,6 @@ class ClientDP:
             "buffer": self.buffer, "sampling_rate_max": float(self.q.max()),
             "sampling_rate_min": float(self.q.min()),
             "overflow_probability_max": float(self.overflow_probability.max())}
-
-
-@contextlib.contextmanager
-def _quiet_accountant():
-  """dp-accounting logs a warning for every Renyi order a trial noise of the
-  calibration's search cannot evaluate (it leaves the order out, correctly);
-  those lines are not the user's business."""
-  log = logging.getLogger("absl")
-  level = log.level
-  log.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    log.setLevel(level)
 
 
 def _pairs(q, steps):
