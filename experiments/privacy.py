@@ -8,11 +8,11 @@ this runs the sweep on Fashion-MNIST (Debian's ``dataset-fashion-mnist``) and
 on the embedded digits, plus a sweep of the client-side epsilon without
 PixelDP, and writes a table, a JSON file and a privacy-utility plot::
 
-  python experiments/privacy.py sweep --dataset digits --model lenet --rounds 50 \\
+  python experiments/privacy.py sweep --dataset digits --model lenet --rounds 50 --draws 20 \\
       --out experiments/results/privacy/digits
   python experiments/privacy.py sweep --dataset fashion_mnist \\
-      --data-dir /usr/share/datasets/fashion-mnist --model lenet --rounds 3 \\
-      --out experiments/results/privacy/fashion_mnist
+      --data-dir /usr/share/datasets/fashion-mnist --model lenet --rounds 2 --batch-size 64 \\
+      --draws 20 --out experiments/results/privacy/fashion_mnist
   python experiments/privacy.py cost --dataset fashion_mnist \\
       --data-dir /usr/share/datasets/fashion-mnist --rounds 3
 
@@ -62,7 +62,7 @@ def configs(args):
     if eps is not None:
       kw.update(dp_clip=args.clip, dp_epsilon=eps, dp_delta=args.delta)
     if eps_p is not None:
-      kw.update(pixeldp_epsilon=eps_p, pixeldp_layer=1)
+      kw.update(pixeldp_epsilon=eps_p, pixeldp_layer=1, pixeldp_draws=args.draws)
     name = f"eps={eps if eps is not None else 'none'}, eps'={eps_p if eps_p is not None else 'none'}"
     rows.append((name, eps, eps_p, Config(**kw)))
   return rows
@@ -96,7 +96,8 @@ def sweep(args) -> None:
 def markdown(results, args) -> str:
   lines = [f"SFLV1, {args.model} (no normalisation), {args.dataset}, 5 clients, "
            f"{args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}, "
-           f"adam lr {args.lr}, clip {args.clip}, delta {args.delta}, seed {args.seed}", "",
+           f"adam lr {args.lr}, clip {args.clip}, delta {args.delta}, seed {args.seed}; PixelDP "
+           f"after block 1 (conv1), Laplace, {args.draws or 300} draws per test prediction", "",
            "| client epsilon (target) | PixelDP epsilon' | sigma | epsilon reached | "
            "final test accuracy | best |", "| --- | --- | --- | --- | --- | --- |"]
   for r in results:
@@ -182,6 +183,8 @@ def main(argv=None) -> None:
   p.add_argument("--delta", type=float, default=1e-5)
   p.add_argument("--client-epsilon", type=float, default=0.5)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--draws", type=int, default=None,
+                 help="PixelDP noise draws per test prediction (default: PixelDP's 300)")
   p.add_argument("--out", default="experiments/results/privacy")
   args = p.parse_args(argv)
   (sweep if args.command == "sweep" else cost)(args)

@@ -101,6 +101,17 @@ result is the unblocked step's (bit for bit with sequential clients; see
 :mod:`sfljax.execution`). Client-major schedules (groups of one) and a
 relayed client model are never blocked.
 
+Client-side DP-SGD (``privacy``, a :class:`sfljax.privacy.dpsgd.DPSGD`):
+the client's head runs forward per example (``jax.vjp`` per example, vmapped
+inside the client's map) and turns the server's cotangent into per-example
+gradients; with a U-shaped split the tail's per-example gradients join them;
+each example's client-side gradient is clipped to C, the real rows summed,
+N(0, (sigma C)^2) added once with the key ``fold_in(batch_key, 4)``, and the
+sum divided by the expected batch. FL and centralized do the same on the
+whole model. The server side is unchanged. Steps exist where
+``RoundInputs.active`` says (Poisson batches can be empty and must still
+release noise). A model with BatchNorm is refused.
+
 All functions are pure: state in, state out; the client axis of every
 per-client quantity is the leading one.
 """

@@ -243,3 +243,21 @@ def test_every_client_and_step_draws_its_own_noise():
   _, (again, _) = _round("sflv3", private, inp)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_one_client_dp_sflv1_is_dp_sgd_centralized():
+  # U-shaped with a parameter-free server body (relu, flat): every parameter is on the
+  # client, so DP-SFLV1 with one client must be DP-SGD on the whole model -- the same
+  # samples, clip, noise keys -- computed here without any split.
+  x, y = _data(1, 2 * B)
+  idx, mask = _full_batches(1, 2 * B)
+  mask[0, 1, 2] = False
+  inp = _inputs(x, y, idx, mask)
+  private = dpsgd.DPSGD(0.05, 1.3, B)
+  _, (split_state, split_stats) = _round("sflv1", private, inp, cut=(1, 3))
+  alg, (central, central_stats) = _round("centralized", private, inp)
+  assert not jax.tree.leaves(split_state.server["params"])
+  merged = MODEL.merge_variables((split_state.client, split_state.server))["params"]
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(central.model["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(split_stats.loss_sum, central_stats.loss_sum, rtol=1e-5)
