@@ -122,7 +122,7 @@ def plot(results, args) -> None:
   if none:
     a.axhline(none[0], ls="--", c="gray", label="no PixelDP")
   a.set_xscale("log")
-  a.set(xlabel="PixelDP epsilon'", ylabel="test accuracy",
+  a.set(xlabel="PixelDP epsilon'", ylabel="test accuracy", ylim=(0, 1),
         title=f"client epsilon {args.client_epsilon}")
   a.legend()
   cl = [r for r in results if r["pixeldp_epsilon"] is None]
@@ -135,11 +135,23 @@ def plot(results, args) -> None:
     b.axhline(none[0], ls="--", c="gray", label="no DP")
   b.set_xscale("log")
   b.set(xlabel="client-side epsilon (delta %g)" % args.delta, ylabel="test accuracy",
-        title="no PixelDP")
+        ylim=(0, 1), title="no PixelDP")
   b.legend()
   fig.suptitle(f"SFLV1 {args.model}, {args.dataset}, 5 clients, {args.rounds} rounds")
   fig.tight_layout()
   fig.savefig(os.path.join(args.out, "privacy_utility.png"), dpi=120)
+
+
+def replot(args) -> None:
+  """The table and the plot again from ``OUT/results.json``."""
+  with open(os.path.join(args.out, "results.json")) as f:
+    saved = json.load(f)
+  for key, value in saved["args"].items():
+    if key not in ("command", "out"):
+      setattr(args, key, value)
+  with open(os.path.join(args.out, "table.md"), "w") as f:
+    f.write(markdown(saved["rows"], args))
+  plot(saved["rows"], args)
 
 
 def cost(args) -> None:
@@ -171,7 +183,7 @@ def cost(args) -> None:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("command", choices=("sweep", "cost"))
+  p.add_argument("command", choices=("sweep", "replot", "cost"))
   p.add_argument("--dataset", default="digits")
   p.add_argument("--data-dir", default=None)
   p.add_argument("--model", default="lenet")
@@ -187,7 +199,7 @@ def main(argv=None) -> None:
                  help="PixelDP noise draws per test prediction (default: PixelDP's 300)")
   p.add_argument("--out", default="experiments/results/privacy")
   args = p.parse_args(argv)
-  (sweep if args.command == "sweep" else cost)(args)
+  {"sweep": sweep, "replot": replot, "cost": cost}[args.command](args)
 
 
 if __name__ == "__main__":
