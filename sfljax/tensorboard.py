@@ -62,7 +62,8 @@ EVENT_FILE_GLOB = "events.out.tfevents.*"
 
 _SPECIAL_TAGS = {"participants": "clients/participants", "reported": "clients/reported",
                  "failed_clients": "clients/failed", "nonfinite_clients": "clients/nonfinite",
-                 "epsilon": "privacy/epsilon"}
+                 "epsilon": "privacy/epsilon", "client_epsilon": "privacy/client_epsilon",
+                 "dp_overflow_steps": "privacy/dp_overflow_steps"}
 
 
 def tag_for(key: str) -> str | None:

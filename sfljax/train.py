@@ -81,6 +81,9 @@ METRICS: dict[str, str] = {
 }
 """Every key of a round's metrics, and how to read it."""
 
+DP_METRICS: tuple[str, ...] = ("epsilon", "client_epsilon", "dp_overflow_steps")
+"""The keys of :data:`METRICS` that only a run with client-side DP-SGD has."""
+
 
 class NonFiniteError(RuntimeError):
   """A NaN/Inf in a round's losses or in the state after it (``--on-nonfinite stop``).

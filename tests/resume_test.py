@@ -124,7 +124,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# sflv1 and sl resume through the same state pytree and metrics checks as these two (and
+# sflv1's resume is exercised by the kill-during-save test below); kept out for CI time.
+@pytest.mark.parametrize("case", ["sflv2_random_order", "sflv1_fraction"])
 def test_sigkill_then_resume_is_bit_exact(case, references, tmp_path):
   extra = CASES[case]
   ref = references(extra)

@@ -199,7 +199,8 @@ def test_tag_map():
       "_loss": "other/_loss", "eval_seconds": "time/eval_seconds"}
   # Every documented per-round metric gets a tag in a named group (not other/).
   from sfljax.train import METRICS
-  assert all(tb.tag_for(k).split("/")[0] in ("loss", "accuracy", "time", "clients", "bytes")
+  assert all(tb.tag_for(k).split("/")[0] in ("loss", "accuracy", "time", "clients", "bytes",
+                                            "privacy")
              for k in METRICS if k != "round")
 
 
