@@ -53,7 +53,7 @@ def configs(args):
   out = []
   for eps_p in PIXELDP_EPSILONS:
     out.append((args.client_epsilon, eps_p))
-  for eps in CLIENT_EPSILONS:
+  for eps in CLIENT_EPSILONS if args.sweeps == "both" else ():
     if eps != args.client_epsilon:
       out.append((eps, None))
   rows = []
@@ -133,7 +133,8 @@ def plot(results, args) -> None:
   none = [r["final_test_accuracy"] for r in cl if r["client_epsilon_target"] is None]
   if none:
     b.axhline(none[0], ls="--", c="gray", label="no DP")
-  b.set_xscale("log")
+  if xs:
+    b.set_xscale("log")
   b.set(xlabel="client-side epsilon (delta %g)" % args.delta, ylabel="test accuracy",
         ylim=(0, 1), title="no PixelDP")
   b.legend()
@@ -195,6 +196,8 @@ def main(argv=None) -> None:
   p.add_argument("--delta", type=float, default=1e-5)
   p.add_argument("--client-epsilon", type=float, default=0.5)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--sweeps", choices=("both", "pixeldp"), default="both",
+                 help="both: the PixelDP sweep and the client-epsilon sweep; pixeldp: the first only")
   p.add_argument("--draws", type=int, default=None,
                  help="PixelDP noise draws per test prediction (default: PixelDP's 300)")
   p.add_argument("--out", default="experiments/results/privacy")
