@@ -329,9 +329,15 @@ class SplitFed:
   compute_dtype: Any = None   # e.g. jnp.bfloat16: mixed precision, float32 master weights
   skip_nonfinite: bool = False  # drop steps with non-finite values (module docstring)
   privacy: Any = None   # sfljax.privacy.dpsgd.DPSGD: client-side DP-SGD (module docstring)
+  # penalty(x, smashed, mask) -> scalar added to each client's loss (e.g. NoPeek,
+  # sfljax.leakage.nopeek); its gradient joins the server's cotangent.
+  smashed_penalty: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
 
   def __post_init__(self):
     _check_privacy(self)
+    if self.smashed_penalty is not None and self.privacy is not None:
+      raise ValueError("smashed_penalty mixes the examples of a batch, which DP-SGD's "
+                       "per-example clipping does not bound: drop one of them")
     cuts = tuple(self.cuts) if not isinstance(self.cuts, int) else (self.cuts,)
     object.__setattr__(self, "cuts", self.model.check_cut(cuts))
     want = self.composition.labels.num_cuts
@@ -733,14 +739,17 @@ def build(name: str | sides.Composition, model: SplitModel, *, cut=None, optimiz
           client_optimizer=None, server_optimizer=None, executor=ClientExecutor("vmap"),
           policy: OptimizerPolicy = PERSISTENT, sflv2_order: str = "paper", augment=None,
           compute_dtype=None, loss: Loss | None = None, skip_nonfinite: bool = False,
-          privacy=None):
+          privacy=None, smashed_penalty=None):
   """The algorithm ``name`` (see :data:`ALGORITHMS`) or a composition, built.
 
   ``cut``: an int, a block name, or two of them (U-shaped); default the
   model's. ``optimizer`` serves both sides unless ``client_optimizer`` /
   ``server_optimizer`` are given. ``skip_nonfinite``: drop optimizer steps
-  with non-finite values (see the module docstring).
+  with non-finite values (see the module docstring). ``smashed_penalty``:
+  split algorithms only, see :class:`SplitFed`.
   """
+  if smashed_penalty is not None and name in ("fl", "centralized"):
+    raise ValueError(f"smashed_penalty: {name} has no cut (no smashed data)")
   client_optimizer = client_optimizer or optimizer
   server_optimizer = server_optimizer or optimizer
   if client_optimizer is None or server_optimizer is None:
@@ -763,4 +772,4 @@ def build(name: str | sides.Composition, model: SplitModel, *, cut=None, optimiz
   else:
     raise ValueError(f"unknown algorithm {name!r}: choose one of {', '.join(ALGORITHMS)}")
   return SplitFed(comp, model, cuts, client_optimizer, server_optimizer, policy=policy,
-                  **common)
+                  smashed_penalty=smashed_penalty, **common)

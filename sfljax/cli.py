@@ -353,6 +353,7 @@ def _train_in(args, cfg, exp, run, startup: "_StartUp") -> int:
                       "--on-nonfinite skip", 3) from None
         history.append(m)
         run.append_metrics(f, m)
+        _save_inversion(run, exp, state.round)
         if tb is not None:
           tb.write(m)
         progress.update(m)
@@ -395,6 +396,18 @@ def _train_in(args, cfg, exp, run, startup: "_StartUp") -> int:
   return 0
 
 
+def _save_inversion(run, exp, round_index: int) -> None:
+  """The round's model-inversion grid (``--leakage``), if it ran this round:
+  ``inversion_round<r>.png`` in the run folder (originals above, the server's
+  reconstructions below)."""
+  images = getattr(exp, "inversion_images", None)
+  if images is None or images["round"] != round_index:
+    return
+  from sfljax.leakage import inversion
+  inversion.save_grid(run.file(f"inversion_round{round_index:04d}.png"), images["originals"],
+                      images["reconstructions"])
+
+
 def _write_summary(run, history, exp, status, message=None) -> None:
   """summary.json: best and final accuracy over the finished (finite) rounds."""
   import math
@@ -417,6 +430,10 @@ def _write_summary(run, history, exp, status, message=None) -> None:
                      "accountant": exp.dp.accountant,
                      "client_epsilon": last.get("client_epsilon"),
                      "overflow_steps": sum(m.get("dp_overflow_steps", 0) for m in history)}
+  if getattr(exp, "leakage", None) is not None:   # The latest value of each measure.
+    from sfljax.train import LEAKAGE_METRICS
+    summary["leakage"] = {k: next((m[k] for m in reversed(history) if k in m), None)
+                          for k in LEAKAGE_METRICS if k != "leakage_seconds"}
   try:
     rundir.write_json(run.file("summary.json"), summary)
   except OSError:

@@ -247,6 +247,31 @@ class Config:
       None, "PixelDP: noise draws averaged per test prediction; unset = PixelDP's default",
       metavar="N")
 
+  leakage: bool = _opt(
+      False, "measure what the server can learn from the cut (sfljax.leakage): every round the "
+      "distance correlation between test inputs and their smashed data and a label attack on "
+      "the cut gradients the server sees; model inversion by a decoder the server trains on "
+      "held-out training data (the last round, or every --leakage-inversion-every rounds); "
+      "metrics leak_*; split algorithms only")
+  leakage_holdout: float = _opt(
+      0.1, "with --leakage: the fraction of the training set no client trains on (the server's "
+      "auxiliary data for inversion), drawn per seed", metavar="F")
+  leakage_aux: int | None = _opt(
+      None, "with --leakage: how many of the held-out samples the inversion decoder trains on; "
+      "unset = all of them", metavar="N")
+  leakage_probe: int = _opt(
+      512, "with --leakage: test samples the measures run on (the first N of the test set)",
+      metavar="N")
+  leakage_inversion_every: int = _opt(
+      0, "with --leakage: train the inversion decoder every N rounds; 0 = the last round only",
+      metavar="N")
+  leakage_decoder_steps: int = _opt(
+      500, "with --leakage: the inversion decoder's Adam steps (batch 64)", metavar="N")
+  nopeek_weight: float = _opt(
+      0.0, "NoPeek defence: add this weight times the distance correlation between each client "
+      "batch's inputs and smashed data to the client's loss (split algorithms; not with "
+      "DP-SGD); 0 = off", metavar="W")
+
   def __post_init__(self):
     object.__setattr__(self, "cut", _normalize_cut(self.cut))
 
@@ -334,6 +359,7 @@ class Config:
     if self.client_fraction < 1 and self.algorithm == "centralized":
       raise ConfigError("client_fraction", "centralized training has one client: use 1")
     self._check_privacy()
+    self._check_leakage()
     return self
 
   @property
@@ -386,6 +412,43 @@ class Config:
     if self.algorithm in WHOLE_MODEL_ALGORITHMS:
       raise ConfigError("pixeldp_epsilon", f"the noise layer protects the smashed data; "
                                            f"{self.algorithm} has no cut")
+
+  def _check_leakage(self) -> None:
+    """The leakage measures' and NoPeek's settings on their own (the data's sizes: the
+    experiment)."""
+    if not isinstance(self.leakage, (bool, np.bool_)):
+      raise ConfigError("leakage", f"must be True or False, got {self.leakage!r}")
+    if not (_is_real(self.nopeek_weight) and self.nopeek_weight >= 0):
+      raise ConfigError("nopeek_weight", f"must be a number >= 0, got {self.nopeek_weight!r}")
+    if self.nopeek_weight > 0:
+      if self.algorithm in WHOLE_MODEL_ALGORITHMS:
+        raise ConfigError("nopeek_weight", f"NoPeek decorrelates the smashed data; "
+                                           f"{self.algorithm} has no cut")
+      if self.dp:
+        raise ConfigError("nopeek_weight", "NoPeek's loss mixes the examples of a batch, so "
+                                           "DP-SGD's per-example clipping would not bound it: "
+                                           "drop --nopeek-weight or --dp-clip")
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    tuned = [n for n in ("leakage_holdout", "leakage_aux", "leakage_probe",
+                         "leakage_inversion_every", "leakage_decoder_steps")
+             if getattr(self, n) != defaults[n]]
+    if not self.leakage:
+      if tuned:
+        raise ConfigError(tuned[0], f"tunes the leakage measures: add {_flag_of('leakage')}")
+      return
+    if self.algorithm in WHOLE_MODEL_ALGORITHMS:
+      raise ConfigError("leakage", f"the measures look at what crosses the cut; "
+                                   f"{self.algorithm} has no cut: use a split algorithm")
+    if not (_is_real(self.leakage_holdout) and 0 < self.leakage_holdout < 1):
+      raise ConfigError("leakage_holdout", f"must be a fraction in (0, 1), got "
+                                           f"{self.leakage_holdout!r}")
+    if self.leakage_aux is not None:
+      _positive_int("leakage_aux", self.leakage_aux)
+    _positive_int("leakage_probe", self.leakage_probe)
+    _positive_int("leakage_decoder_steps", self.leakage_decoder_steps)
+    if not _is_int(self.leakage_inversion_every) or self.leakage_inversion_every < 0:
+      raise ConfigError("leakage_inversion_every", f"must be an integer >= 0, got "
+                                                   f"{self.leakage_inversion_every!r}")
 
   def _check_cut(self) -> None:
     """The cut's syntax; the model resolves it (``SplitModel.resolve_cuts``)."""

@@ -337,6 +337,23 @@ def private_gradients(alg, per_example, mask, keys: Keys):
   return alg.executor.map(alg.privacy.privatize, per_example, mask, keys.noise)
 
 
+def with_penalty(alg, x, smashed, mask, d_smashed):
+  """The server's cotangent plus the gradient of the client's own term on its
+  smashed data, ``alg.smashed_penalty(x, smashed, mask)`` (e.g. NoPeek's
+  distance correlation, :func:`sfljax.leakage.nopeek`), per client. The
+  client's objective is then the server's loss plus the penalty, and its
+  closure turns the sum into its gradients as usual."""
+  penalty = getattr(alg, "smashed_penalty", None)
+  if penalty is None:
+    return d_smashed
+
+  def one(xb, a, mb):
+    g = jax.grad(lambda s: penalty(xb, s.astype(jnp.float32), mb))(a)
+    return g.astype(a.dtype)
+
+  return d_smashed + alg.executor.map(one, x, smashed, mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerLabels:
   """Two-part split: the client sends smashed data and labels; the server
@@ -363,6 +380,7 @@ class ServerLabels:
 
     svars, sopt, (d_smashed, stats) = alg.composition.server.run(
         turn, svars, sopt, (smashed, y, m, active, keys.server), order, alg.executor)
+    d_smashed = with_penalty(alg, x, smashed, m, d_smashed)
     if private:   # The mean loss sent d loss_i / count: scaled back to each example's own.
       per_example = backward(d_smashed, jnp.sum(m, axis=-1, dtype=jnp.float32))
       return private_gradients(alg, per_example, m, keys), cvars_fwd, svars, sopt, stats
@@ -407,6 +425,7 @@ class ClientLabels:
     svars, sopt, (d_smashed, tail_grads, tail_state, stats) = alg.composition.server.run(
         turn, svars, sopt, (smashed, tail_vars, y, m, active, keys.server, keys.tail), order,
         alg.executor)
+    d_smashed = with_penalty(alg, x, smashed, m, d_smashed)
     cvars_fwd = merge_parts(head_fwd, {**tail_state, "params": tail_vars["params"]})
     if private:   # Head and tail clipped together: one per-example gradient of the client.
       head_grads = head_backward(d_smashed, jnp.sum(m, axis=-1, dtype=jnp.float32))

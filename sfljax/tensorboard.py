@@ -27,6 +27,8 @@ metric key                       TensorBoard tag
                                  clock; time/train_seconds, time/eval_seconds)
 ``participants``, ``reported``   ``clients/participants``, ``clients/reported``
 ``epsilon``                      ``privacy/epsilon``
+``leak_<name>``                   ``leakage/<name>``  (leakage/dcor, leakage/label_auc,
+                                 leakage/inversion_ssim, ...)
 anything else                    ``other/<key>``
 ===============================  ===============================
 
@@ -76,6 +78,8 @@ def tag_for(key: str) -> str | None:
     return "time/" + key
   if key.startswith("bytes_") and len(key) > len("bytes_"):
     return "bytes/" + key[len("bytes_"):]
+  if key.startswith("leak_") and len(key) > len("leak_"):
+    return "leakage/" + key[len("leak_"):]
   for suffix, group in (("_loss", "loss"), ("_accuracy", "accuracy")):
     if key.endswith(suffix) and len(key) > len(suffix):
       return f"{group}/{key[:-len(suffix)]}"

@@ -78,11 +78,34 @@ METRICS: dict[str, str] = {
     "client_epsilon": "DP-SGD: list over all K clients, each client's epsilon so far",
     "dp_overflow_steps": "DP-SGD: steps dropped this round because a Poisson draw exceeded "
                          "the batch buffer (counted in epsilon and delta; expected 0)",
+    "leak_dcor": "--leakage: distance correlation between the probe's test inputs and their "
+                 "smashed data (0: independent, 1: the inputs' geometry kept exactly; lower "
+                 "leaks less)",
+    "leak_label_auc": "--leakage: the label attack's AUC by direction scoring (cosine with one "
+                      "known example's gradient, mean over class pairs) on the per-example "
+                      "gradients the server sees: two-part, the smashed-data cotangent it "
+                      "computes; U-shaped, the cotangent the client's tail sends it (0.5: "
+                      "chance, 1: labels fully recovered)",
+    "leak_label_auc_norm": "--leakage: the same attack by norm scoring (gradient norms, per "
+                           "class pair, the better orientation: chance is slightly above 0.5)",
+    "leak_inversion_mse": "--leakage, rounds with inversion: mean squared error between the "
+                          "probe's inputs (standardised) and the server decoder's "
+                          "reconstructions from their smashed data (lower leaks more)",
+    "leak_inversion_psnr": "the same, as PSNR in dB over the inputs' range (higher leaks more)",
+    "leak_inversion_ssim": "the same, as SSIM (skimage's definition; 1: perfect "
+                           "reconstruction, higher leaks more)",
+    "leakage_seconds": "--leakage: seconds the round's measures took (not part of seconds)",
 }
 """Every key of a round's metrics, and how to read it."""
 
 DP_METRICS: tuple[str, ...] = ("epsilon", "client_epsilon", "dp_overflow_steps")
 """The keys of :data:`METRICS` that only a run with client-side DP-SGD has."""
+
+LEAKAGE_METRICS: tuple[str, ...] = (
+    "leak_dcor", "leak_label_auc", "leak_label_auc_norm", "leak_inversion_mse",
+    "leak_inversion_psnr", "leak_inversion_ssim", "leakage_seconds")
+"""The keys of :data:`METRICS` that only a run with ``--leakage`` has (the
+inversion's on the rounds it runs)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -168,13 +191,21 @@ class Experiment:
     else:
       _refuse_bad("dataset", data.check_dataset, dataset)
     self.dataset = ds = dataset
+    held = None
     if parts is None:
-      parts = config.client_partition(ds.y_train)
+      if config.leakage:   # The server's auxiliary data: no client trains on it.
+        held, rest = _hold_out(config, len(ds.y_train))
+        parts = [rest[p] for p in config.client_partition(ds.y_train[rest])]
+      else:
+        parts = config.client_partition(ds.y_train)
     else:
       parts = _refuse_bad("parts", data.check_parts, parts, len(ds.y_train))
       if len(parts) != config.clients:
         raise ConfigError("--clients", f"{len(parts)} parts given for {config.clients} clients "
                                        "(parts: one index array per client)")
+      if config.leakage:   # What no part holds, in a seeded order.
+        free = np.setdiff1d(np.arange(len(ds.y_train)), np.concatenate(parts))
+        held = free[data.rng_for(config.seed, LEAKAGE_STREAM).permutation(len(free))]
     self.parts = parts
 
     if model is None:
@@ -213,6 +244,8 @@ class Experiment:
     self.dp = self._plan_privacy()
     self.algorithm = self._algorithm(algorithm, client_optimizer, server_optimizer)
     self.cuts = getattr(self.algorithm, "cuts", ())
+    self.leakage = None if not config.leakage else self._leakage_probe(held)
+    self.inversion_images: dict[str, Any] | None = None   # the last inversion's, for a grid
     self._finish_init()
 
   @classmethod
@@ -286,11 +319,50 @@ class Experiment:
           augment=data.augmentation(cfg.dataset) if cfg.augment else None,
           compute_dtype=self.compute_dtype, loss=self.loss,
           skip_nonfinite=cfg.on_nonfinite == "skip",
-          privacy=None if self.dp is None else self.dp.dpsgd())
+          privacy=None if self.dp is None else self.dp.dpsgd(),
+          smashed_penalty=self._nopeek() if split_alg else None)
     except sides.CompositionError as e:
       raise ConfigError("--algorithm", str(e)) from None
     except ValueError as e:
       raise ConfigError("--cut", str(e)) from None
+
+  def _leakage_probe(self, held: np.ndarray):
+    """The leakage measures (``--leakage``) on the first ``leakage_probe``
+    test samples, the decoder on ``leakage_aux`` of the held-out ones."""
+    from sfljax.leakage import probe
+    cfg, ds = self.config, self.dataset
+    if not self.cuts:
+      raise ConfigError("--leakage", "the measures look at what crosses the cut; this "
+                                     "algorithm has no cut: use a split algorithm")
+    if len(self.model.input_shape) != 3:
+      raise ConfigError("--leakage", f"model inversion needs image inputs [H, W, C], the model "
+                                     f"takes {tuple(self.model.input_shape)}")
+    aux = len(held) if cfg.leakage_aux is None else cfg.leakage_aux
+    if aux > len(held) or aux < 1:
+      raise ConfigError("--leakage-aux", f"{aux} auxiliary samples asked for, but "
+                                         f"{len(held)} training samples are held out from the "
+                                         "clients: lower --leakage-aux or raise "
+                                         "--leakage-holdout")
+    if cfg.leakage_probe > len(ds.y_test):
+      raise ConfigError("--leakage-probe", f"{cfg.leakage_probe} probe samples asked for, but "
+                                           f"the test set has {len(ds.y_test)}: lower it")
+    n = cfg.leakage_probe
+    return probe.LeakageProbe(self.model, self.cuts, ds.x_test[:n], ds.y_test[:n],
+                              ds.x_train[held[:aux]], seed=cfg.seed + 3, loss=self.loss,
+                              decoder_steps=cfg.leakage_decoder_steps)
+
+  def measure_leakage(self, state: RunState, invert: bool = False) -> dict[str, float]:
+    """The leakage metrics (``leak_*``) of ``state``'s model (the global one;
+    with clients' own client parts, client 0's model); ``invert``: with the
+    model inversion (its images go to :attr:`inversion_images`)."""
+    own = self.client_models(state)
+    variables = (self.global_variables(state) if own is None
+                 else jax.tree.map(lambda a: a[0], own))
+    metrics, images = self.leakage.measure(distributed.fetch(variables), state.round,
+                                           invert=invert)
+    if images is not None:
+      self.inversion_images = {"round": state.round, **images}
+    return metrics
 
   def _plan_privacy(self):
     """Client-side DP-SGD's plan (None without ``dp_clip``); the calibrated
@@ -312,6 +384,12 @@ class Experiment:
     if cfg.dp_noise is None:
       self.config = dataclasses.replace(cfg, dp_noise=plan.noise_multiplier)
     return plan
+
+  def _nopeek(self):
+    if not self.config.nopeek_weight:
+      return None
+    from sfljax.leakage import NoPeek
+    return NoPeek(float(self.config.nopeek_weight))
 
   def _override(self, comp: sides.Composition) -> sides.Composition:
     """The config's --client-aggregation / --server-side / --schedule choices applied."""
@@ -728,6 +806,11 @@ class Experiment:
     counts = self.client_data.counts if ids is None else self.client_data.counts[ids]
     metrics["participants"] = len(counts)
     metrics.update(self.traffic_for(counts).as_dict())
+    if self.leakage is not None:   # Timed on its own: not part of seconds.
+      every = self.config.leakage_inversion_every
+      invert = state.round == self.config.rounds or bool(every and state.round % every == 0)
+      metrics.update(self.measure_leakage(state, invert))
+      metrics["leakage_seconds"] = time.perf_counter() - t2
     return state, {"round": state.round, **metrics}
 
   def check_finite(self, state: RunState, metrics: dict[str, Any] | None = None) -> None:
@@ -844,6 +927,21 @@ def _with_noise_layer(config: Config, model: models.SplitModel):
   except ValueError as e:
     raise ConfigError("--pixeldp-layer", str(e)) from None
   return noisy, tuple(c + 1 for c in cuts)
+
+
+LEAKAGE_STREAM = 9
+"""The held-out (auxiliary) samples' draw: ``data.rng_for(seed, LEAKAGE_STREAM)``."""
+
+
+def _hold_out(config: Config, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """(held-out indices in their seeded order, the rest sorted) of n training samples."""
+  h = int(round(config.leakage_holdout * n))
+  if h < 1 or h > n - config.clients:
+    raise ConfigError("--leakage-holdout", f"holds out {h} of {n} training samples, which "
+                                           f"leaves none for the server or too few for "
+                                           f"{config.clients} clients: pick another fraction")
+  perm = data.rng_for(config.seed, LEAKAGE_STREAM).permutation(n)
+  return perm[:h], np.sort(perm[h:])
 
 
 def _all_finite(tree) -> jax.Array:

@@ -83,7 +83,9 @@ def test_every_flag_parses_to_the_constructed_config():
           "--dp-clip", "0.5", "--dp-noise", "1.3", "--dp-epsilon", "2", "--dp-delta", "1e-6",
           "--dp-accountant", "pld", "--pixeldp-epsilon", "2", "--pixeldp-layer", "conv1",
           "--pixeldp-mechanism", "gaussian", "--pixeldp-delta", "1e-5", "--pixeldp-draws", "8",
-          "--quiet"]
+          "--leakage", "--leakage-holdout", "0.2", "--leakage-aux", "300", "--leakage-probe",
+          "100", "--leakage-inversion-every", "2", "--leakage-decoder-steps", "50",
+          "--nopeek-weight", "0.5", "--quiet"]
   want = Config(algorithm="sflv2", model="alexnet", cut="conv1,fc2", norm="group", dropout=0.25,
                 dataset="mnist", data_dir="/d", clients=7, rounds=3, local_epochs=2,
                 batch_size=16, optimizer="sgd", client_optimizer="adamw",
@@ -97,7 +99,9 @@ def test_every_flag_parses_to_the_constructed_config():
                 schedule="client_major", dropout_rate=0.2, dropout_point="before_upload",
                 on_nonfinite="skip", dp_clip=0.5, dp_noise=1.3, dp_epsilon=2.0, dp_delta=1e-6,
                 dp_accountant="pld", pixeldp_epsilon=2.0, pixeldp_layer="conv1",
-                pixeldp_mechanism="gaussian", pixeldp_delta=1e-5, pixeldp_draws=8)
+                pixeldp_mechanism="gaussian", pixeldp_delta=1e-5, pixeldp_draws=8,
+                leakage=True, leakage_holdout=0.2, leakage_aux=300, leakage_probe=100,
+                leakage_inversion_every=2, leakage_decoder_steps=50, nopeek_weight=0.5)
   assert _parse(argv) == want
   default = Config()
   untouched = [f.name for f in dataclasses.fields(Config) if f.metadata.get("cli", True)

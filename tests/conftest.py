@@ -15,9 +15,19 @@ from sfljax import data
 # Many tests build the same small experiments (same shapes, so the same programs): XLA's
 # persistent compilation cache, keyed by the compiled program itself, lets the later ones
 # reuse a compilation instead of repeating it. Nothing is shared between programs that differ.
-jax.config.update("jax_compilation_cache_dir", os.environ.get(
-    "SFLJAX_TEST_COMPILATION_CACHE", tempfile.mkdtemp(prefix="sfljax-xla-cache-")))
+# One cache for the whole test run: both xdist workers and the CLI runs they start as
+# subprocesses (through the JAX_* variables, which JAX reads at import). A size limit turns
+# on JAX's file lock around every read and write (the filelock package), so a process never
+# reads an entry another one is still writing.
+_CACHE = os.environ.get("SFLJAX_TEST_COMPILATION_CACHE") or os.path.join(
+    tempfile.gettempdir(),
+    "sfljax-xla-cache-" + os.environ.get("PYTEST_XDIST_TESTRUNUID", f"pid{os.getpid()}"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_compilation_cache_max_size", 8 << 30)
 
 
 @pytest.fixture(scope="session")

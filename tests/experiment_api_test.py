@@ -9,7 +9,7 @@ import pytest
 
 from conftest import small_digits
 from sfljax.config import Config, ConfigError
-from sfljax.train import DP_METRICS, METRICS, Experiment
+from sfljax.train import DP_METRICS, LEAKAGE_METRICS, METRICS, Experiment
 
 
 def _exp(algorithm="sflv1", clients=3, **kw):
@@ -39,7 +39,8 @@ def test_schedules_count_updates_per_side(algorithm, server_updates):
 def test_per_client_metrics_and_documented_keys():
   exp = _exp("sflv2")
   state, m = exp.step(exp.init())
-  assert set(m) <= set(METRICS) and set(METRICS) - set(DP_METRICS) <= set(m)
+  assert set(m) <= set(METRICS)
+  assert set(METRICS) - set(DP_METRICS) - set(LEAKAGE_METRICS) <= set(m)
   assert len(m["client_train_loss"]) == 3
   # The round's loss is the sample-weighted mean of the clients' (16 samples each).
   assert m["train_loss"] == pytest.approx(np.mean(m["client_train_loss"]), rel=1e-6)

@@ -191,16 +191,17 @@ def test_tag_map():
   assert {k: tb.tag_for(k) for k in ("round", "train_loss", "test_accuracy",
                                      "client_test_accuracy", "bytes_smashed_grad", "seconds",
                                      "participants", "epsilon", "lr", "bytes_", "_loss",
-                                     "eval_seconds")} == {
+                                     "eval_seconds", "leak_dcor", "leak_")} == {
       "round": None, "train_loss": "loss/train", "test_accuracy": "accuracy/test",
       "client_test_accuracy": "accuracy/client_test", "bytes_smashed_grad": "bytes/smashed_grad",
       "seconds": "time/seconds", "participants": "clients/participants",
       "epsilon": "privacy/epsilon", "lr": "other/lr", "bytes_": "other/bytes_",
-      "_loss": "other/_loss", "eval_seconds": "time/eval_seconds"}
+      "_loss": "other/_loss", "eval_seconds": "time/eval_seconds",
+      "leak_dcor": "leakage/dcor", "leak_": "other/leak_"}
   # Every documented per-round metric gets a tag in a named group (not other/).
   from sfljax.train import METRICS
   assert all(tb.tag_for(k).split("/")[0] in ("loss", "accuracy", "time", "clients", "bytes",
-                                            "privacy")
+                                            "privacy", "leakage")
              for k in METRICS if k != "round")
 
 
