@@ -503,10 +503,13 @@ class _StartUp:
   raised again by :meth:`check`, so it is never lost."""
 
   def __init__(self):
-    self.requested, self._old = None, {}
+    self.requested, self._old, self._old_hook = None, {}, None
 
   def install(self) -> "_StartUp":
     import signal
+    # Python would print such a swallowed interrupt as "Exception ignored in ..."; it is
+    # ours, recorded, and raised again by check(): not printed.
+    self._old_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
     for sig in (signal.SIGINT, signal.SIGTERM):
       if signal.getsignal(sig) is signal.SIG_IGN:
         continue   # Ignored by whoever started us (e.g. a shell's background job): so be it.
@@ -520,6 +523,13 @@ class _StartUp:
     import signal
     for sig, old in self._old.items():
       signal.signal(sig, old)
+    if self._old_hook is not None:
+      sys.unraisablehook, self._old_hook = self._old_hook, None
+
+  def _unraisable(self, info) -> None:
+    if isinstance(info.exc_value, KeyboardInterrupt) and self.requested is not None:
+      return   # Our own stop, raised inside a callback: check() raises it again.
+    self._old_hook(info)
 
   def _handle(self, signum, frame):
     self.requested = signum

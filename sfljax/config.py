@@ -259,9 +259,9 @@ class Config:
   leakage_aux: int | None = _opt(
       None, "with --leakage: how many of the held-out samples the inversion decoder trains on; "
       "unset = all of them", metavar="N")
-  leakage_probe: int = _opt(
-      512, "with --leakage: test samples the measures run on (the first N of the test set)",
-      metavar="N")
+  leakage_probe: int | None = _opt(
+      None, "with --leakage: test samples the measures run on (the first N of the test set); "
+      "unset = 512, or the whole test set when it is smaller", metavar="N")
   leakage_inversion_every: int = _opt(
       0, "with --leakage: train the inversion decoder every N rounds; 0 = the last round only",
       metavar="N")
@@ -444,7 +444,8 @@ class Config:
                                            f"{self.leakage_holdout!r}")
     if self.leakage_aux is not None:
       _positive_int("leakage_aux", self.leakage_aux)
-    _positive_int("leakage_probe", self.leakage_probe)
+    if self.leakage_probe is not None:
+      _positive_int("leakage_probe", self.leakage_probe)
     _positive_int("leakage_decoder_steps", self.leakage_decoder_steps)
     if not _is_int(self.leakage_inversion_every) or self.leakage_inversion_every < 0:
       raise ConfigError("leakage_inversion_every", f"must be an integer >= 0, got "

@@ -94,7 +94,8 @@ METRICS: dict[str, str] = {
     "leak_inversion_psnr": "the same, as PSNR in dB over the inputs' range (higher leaks more)",
     "leak_inversion_ssim": "the same, as SSIM (skimage's definition; 1: perfect "
                            "reconstruction, higher leaks more)",
-    "leakage_seconds": "--leakage: seconds the round's measures took (not part of seconds)",
+    "leakage_seconds": "--leakage: seconds the round's measures took, their compilation "
+                       "included the first time (not part of seconds)",
 }
 """Every key of a round's metrics, and how to read it."""
 
@@ -343,10 +344,10 @@ class Experiment:
                                          f"{len(held)} training samples are held out from the "
                                          "clients: lower --leakage-aux or raise "
                                          "--leakage-holdout")
-    if cfg.leakage_probe > len(ds.y_test):
-      raise ConfigError("--leakage-probe", f"{cfg.leakage_probe} probe samples asked for, but "
-                                           f"the test set has {len(ds.y_test)}: lower it")
-    n = cfg.leakage_probe
+    n = min(DEFAULT_PROBE, len(ds.y_test)) if cfg.leakage_probe is None else cfg.leakage_probe
+    if n > len(ds.y_test):
+      raise ConfigError("--leakage-probe", f"{n} probe samples asked for, but the test set has "
+                                           f"{len(ds.y_test)}: lower it")
     return probe.LeakageProbe(self.model, self.cuts, ds.x_test[:n], ds.y_test[:n],
                               ds.x_train[held[:aux]], seed=cfg.seed + 3, loss=self.loss,
                               decoder_steps=cfg.leakage_decoder_steps)
@@ -928,6 +929,9 @@ def _with_noise_layer(config: Config, model: models.SplitModel):
     raise ConfigError("--pixeldp-layer", str(e)) from None
   return noisy, tuple(c + 1 for c in cuts)
 
+
+DEFAULT_PROBE = 512
+"""The leakage probe's size without ``leakage_probe`` (at most the test set)."""
 
 LEAKAGE_STREAM = 9
 """The held-out (auxiliary) samples' draw: ``data.rng_for(seed, LEAKAGE_STREAM)``."""

@@ -107,7 +107,11 @@ def _assert_same(blocked, whole, strategy):
     if strategy == "sequential":
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=what)
     else:
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6,
+      # The two programs vectorise differently (batches of 3 and 1 clients against 7), so
+      # their float32 rounding differs (~1e-7 per operation); two rounds of momentum SGD
+      # carry it to a few 1e-5 of a leaf (2.6e-5 measured, with the suite's XLA flags,
+      # tests/conftest.py). A wrong block, order or step changes leaves at 1e-2 or more.
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6,
                                  err_msg=what)
 
 

@@ -225,6 +225,8 @@ def test_an_interrupt_a_gc_callback_swallows_is_raised_again():
   # and the run trained to the end with exit code 0.
   import gc
   from sfljax import cli
+  reported, before = [], sys.unraisablehook
+  sys.unraisablehook = reported.append   # what the interpreter would print
   startup = cli._StartUp().install()
   fired = []
 
@@ -241,6 +243,12 @@ def test_an_interrupt_a_gc_callback_swallows_is_raised_again():
     assert fired and startup.requested == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
       startup.check()
+    assert reported == []   # not printed as "Exception ignored in ..."
+    other = type("Info", (), {"exc_value": ValueError("x")})()
+    sys.unraisablehook(other)
+    assert reported == [other]   # anything else still reaches the previous hook
   finally:
     gc.callbacks.remove(callback)
     startup.restore()
+    assert sys.unraisablehook == reported.append
+    sys.unraisablehook = before
