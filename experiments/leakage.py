@@ -108,7 +108,8 @@ def markdown(results, args) -> str:
            f"{args.alexnet_dataset} for {args.alexnet_rounds}, batch {args.batch_size}, adam lr "
            f"{args.lr}, no normalisation layers, seed "
            f"{args.seed}; 10% of the training set held out as the server's auxiliary data "
-           f"({args.aux or 'all'} used); measures on the first {args.probe} test images after "
+           f"({args.aux or 'all'} used); measures on the first "
+           f"{args.probe or 'min(512, test set)'} test images after "
            f"the last round; decoder {args.decoder_steps} Adam steps", "",
            "| configuration | dataset | varies | cut | test accuracy | dcor | label AUC "
            "(direction) | label AUC (norm) | inversion MSE | PSNR (dB) | SSIM |",
@@ -135,7 +136,8 @@ def plot(results, args) -> None:
       ax.annotate(r["name"], (r[key], r["test_accuracy"]), fontsize=6,
                   xytext=(3, 2), textcoords="offset points")
     ax.set(xlabel=f"{label} (higher leaks more)", ylabel="test accuracy")
-  fig.suptitle(f"accuracy vs leakage, SFLV1 on {args.dataset}: one point per configuration")
+  fig.suptitle(f"accuracy vs leakage, SFLV1: LeNet on {args.dataset}, AlexNet on "
+               f"{args.alexnet_dataset}; one point per configuration")
   fig.tight_layout()
   fig.savefig(os.path.join(args.out, "accuracy_vs_leakage.png"), dpi=120)
 
@@ -166,7 +168,8 @@ def main(argv=None) -> None:
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--probe", type=int, default=512)
+  p.add_argument("--probe", type=int, default=None,
+                 help="probe test images (default 512, or the whole test set if smaller)")
   p.add_argument("--aux", type=int, default=None, help="decoder training samples (default all)")
   p.add_argument("--decoder-steps", type=int, default=500)
   p.add_argument("--draws", type=int, default=20, help="PixelDP draws per test prediction")

@@ -6,9 +6,10 @@ import tempfile
 
 # Compilation, not running, is most of this suite's time on CPU (small models, many
 # distinct programs): XLA's CPU backend compiles with its LLVM optimisations lowered,
-# which cuts the suite's time by about a third. It changes how fast the compiled code
-# runs, not what it computes; every comparison below is made between programs compiled
-# the same way. SFLJAX_TEST_FULL_XLA=1 runs the suite with XLA's defaults instead.
+# which cuts the suite's time by about a fifth. It changes how fast the compiled code
+# runs and where float32 rounding falls, not the operations computed; every comparison
+# below is made between programs compiled the same way. SFLJAX_TEST_FULL_XLA=1 runs the
+# suite with XLA's defaults instead.
 # Set before JAX starts its backend; inherited by the CLI runs tests start.
 if os.environ.get("SFLJAX_TEST_FULL_XLA") != "1":
   os.environ["XLA_FLAGS"] = " ".join(filter(None, [

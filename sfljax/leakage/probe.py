@@ -44,7 +44,8 @@ _CHUNK = 512
 """Rows per forward pass when the auxiliary set's smashed data are computed."""
 
 DECODER_FEATURES = 16
-"""Channels of the inversion decoder's hidden convolutions (:class:`sfljax.leakage.inversion.Decoder`)."""
+"""Channels of the inversion decoder's hidden convolutions
+(:class:`sfljax.leakage.inversion.Decoder`)."""
 
 DECODER_BATCH = 64
 """The inversion decoder's minibatch."""
