@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import operator
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -356,17 +355,8 @@ def plot_partition(labels: np.ndarray, parts: Sequence[np.ndarray], path, *,
     ax.set_ylabel("class")
   ax.set_title(title)
 
+  from sfljax import rundir
   path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  return rundir.write_file_atomic(
+      path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 MARKER = "sfljax-run.json"
 LOCK = ".lock"
@@ -59,6 +59,29 @@ def strict(value: Any) -> Any:
 def dumps(obj: Any, **kwargs) -> str:
   """Strict JSON (``allow_nan=False``) of ``obj`` after :func:`strict`."""
   return json.dumps(strict(obj), allow_nan=False, sort_keys=True, **kwargs)
+
+
+def write_file_atomic(path, write: Callable[[Any], None]) -> str:
+  """Writes a file through ``write(binary_file)`` atomically: a temporary file
+  in the same directory, flushed to disk, mode 0644, then renamed over
+  ``path``; removed if anything fails, so ``path`` is whole or untouched.
+  Returns ``path``."""
+  import tempfile
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
 
 
 def write_json(path: str, obj: Any) -> None:

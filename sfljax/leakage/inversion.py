@@ -32,7 +32,6 @@ import functools
 import math
 import os
 import struct
-import tempfile
 import zlib
 from typing import Any
 
@@ -42,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+
+from sfljax import rundir
 
 Params = Any
 
@@ -303,21 +304,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
   ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
   png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
          + _png_chunk(b"IDAT", zlib.compress(raw, 9)) + _png_chunk(b"IEND", b""))
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(png)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  rundir.write_file_atomic(path, lambda f: f.write(png))
 
 
 def _to_uint8(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
