@@ -245,7 +245,7 @@ def _train(args, argv, startup: "_StartUp") -> int:
     if writer and run is None:
       rundir.check_new(args.out, args.overwrite)   # Before any work: nothing created yet.
     from sfljax.train import Experiment
-    exp = Experiment(cfg, dataset=_load(cfg))
+    exp = Experiment(cfg, dataset=_load(cfg), donate=True)   # The loop owns its states.
     startup.check()   # A Ctrl-C a callback swallowed during the imports or the loading.
     if not writer:  # Other processes of a multi-host run compute; process 0 writes.
       from sfljax.train import NonFiniteError

@@ -19,6 +19,7 @@ Metrics of a round (:data:`METRICS` documents every key).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import time
@@ -173,15 +174,25 @@ class Experiment:
       devices the clients are split over (each device's participants are
       then its own clients), i.e. 1 -- the plain draw -- on one device. On
       one device ``strata=D`` draws the participants a D-device run draws.
+    donate: the round consumes its input state: the state given to
+      :meth:`step` / :meth:`train_round` (and :meth:`run`'s) is donated to
+      the round's program, whose new state reuses its buffers, so one copy of
+      the per-client state is alive instead of two (SFLV1 and FL at 1000
+      LeNet clients: ~0.45 GiB less). That state must not be used afterwards
+      (JAX raises on a deleted array); copy it first
+      (``jax.tree.map(jnp.copy, state)``) to keep it. The CLI donates. With
+      ``step_loop='python'`` nothing is donated.
   """
 
   def __init__(self, config: Config | None = None, dataset: data.Dataset | None = None,
                parts: list[np.ndarray] | None = None, *, model: models.SplitModel | None = None,
                algorithm: Any = None, client_optimizer: optax.GradientTransformation | None = None,
                server_optimizer: optax.GradientTransformation | None = None,
-               loss: split.Loss | None = None, strata: int | None = None):
+               loss: split.Loss | None = None, strata: int | None = None,
+               donate: bool = False):
     self.config = config = (Config() if config is None else config).validate()
     self._strata = strata
+    self.donate = bool(donate)
     if dataset is None:
       try:
         dataset = data.load_dataset(config.dataset, seed=config.seed, data_dir=config.data_dir)
@@ -438,8 +449,10 @@ class Experiment:
 
     # On a mesh both ends are pinned: whatever a round's draw, the same layouts.
     if self.executor.step_loop == "scan":
-      self._programs = {"round": counted(alg.round, lambda s: (s.state, s.stats),
-                                         lambda s: (s.state, s.inputs))}
+      self._programs = {"round": counted(functools.partial(_round_keeping_state, alg),
+                                         lambda s: (s.state, s.stats),
+                                         lambda s: (s.state, s.inputs),
+                                         donate=(0,) if self.donate else ())}
     else:  # The round's working state (carry) is internal: its buffers are donated.
       rep = None if sh is None else distributed.replicated_sharding(self.mesh)
       self._programs = {"begin": counted(alg.begin, lambda s: s.carry,
@@ -709,8 +722,9 @@ class Experiment:
         acc[int(c)] = float(stats.correct[row]) / n
     bad = (np.zeros(len(rows), bool) if getattr(stats, "nonfinite", None) is None
            else np.asarray(stats.nonfinite) > 0)
-    if not np.any(reported & ~bad):
-      algo = state.algo   # Nobody reported: the round changes nothing (server side included).
+    if not np.any(reported & ~bad) and "round" not in self._programs:
+      algo = state.algo   # Nobody reported: the round changes nothing (server side included;
+      # the compiled round does this itself: _round_keeping_state).
     ledger, private = state.privacy, {}
     if self.dp is not None:   # Every step the mechanism ran (a failure's earlier steps too).
       from sfljax.privacy import accounting
@@ -946,6 +960,24 @@ def _hold_out(config: Config, n: int) -> tuple[np.ndarray, np.ndarray]:
                                            f"{config.clients} clients: pick another fraction")
   perm = data.rng_for(config.seed, LEAKAGE_STREAM).permutation(n)
   return perm[:h], np.sort(perm[h:])
+
+
+def _round_keeping_state(alg, state, inputs):
+  """``alg.round``, except that a round in which nobody reported (every
+  participant failed, or with skipped non-finite steps dropped every update)
+  changes nothing, server side included: the new state is then the old one,
+  chosen inside the program so that the old state's buffers can be donated."""
+  new, stats = alg.round(state, inputs)
+  nonfinite = getattr(stats, "nonfinite", None)
+  if inputs.reported is None and nonfinite is None:
+    return new, stats   # Everyone reports: nothing to choose.
+  ok = jnp.ones(jnp.shape(stats.count), bool)
+  if inputs.reported is not None:
+    ok = ok & jnp.asarray(inputs.reported, bool)
+  if nonfinite is not None:
+    ok = ok & (nonfinite == 0)
+  anyone = jnp.any(ok)
+  return jax.tree.map(lambda n, o: jnp.where(anyone, n, o), new, state), stats
 
 
 def _all_finite(tree) -> jax.Array:
