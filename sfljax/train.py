@@ -466,6 +466,7 @@ class Experiment:
     self._global = jax.jit(lambda s, w: alg.global_variables(s, w))
     self._finite = jax.jit(_all_finite)
     self._local = None   # local_models' program, built when first asked for
+    self._privacy_memo: dict = {}   # epsilons and one-step RDP curves, shared by the rounds' ledgers
     self._prepare_test_set()
     self.compile_seconds: float | None = None
     self.traffic = self.traffic_for(cd.counts)
@@ -728,7 +729,7 @@ class Experiment:
     ledger, private = state.privacy, {}
     if self.dp is not None:   # Every step the mechanism ran (a failure's earlier steps too).
       from sfljax.privacy import accounting
-      ledger = accounting.Ledger.from_dict(state.privacy.to_dict())
+      ledger = accounting.Ledger.from_dict(state.privacy.to_dict(), memo=self._privacy_memo)
       active, overflow = schedule[4], schedule[5]
       ledger.record(rows, active.sum(axis=1), overflow.sum(axis=1))
       private = {"epsilon": ledger.epsilon(),
@@ -875,7 +876,7 @@ class Experiment:
       if "privacy" not in meta:
         raise checkpoint.CheckpointError(f"{path}: has no privacy ledger (saved by a run "
                                          "without DP-SGD)")
-      ledger = accounting.Ledger.from_dict(meta["privacy"])
+      ledger = accounting.Ledger.from_dict(meta["privacy"], memo=self._privacy_memo)
     return RunState(algo, int(meta["round"]), ledger)
 
   def _checkpoints(self, path, keep):

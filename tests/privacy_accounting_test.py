@@ -201,9 +201,36 @@ def test_ledger_caches_distinct_pairs():
   ledger = accounting.Ledger(q, 1.0, DELTA)
   ledger.record(np.arange(k), np.where(np.arange(k) % 4 < 2, 30, 60), np.zeros(k, np.int64))
   eps = ledger.epsilons()
-  assert len(ledger._cache) == 4               # (0.05, 30), (0.02, 30), (0.05, 60), (0.02, 60)
+  kinds = [key[0] for key in ledger._cache]
+  assert kinds.count("epsilon") == 4           # (0.05, 30), (0.02, 30), (0.05, 60), (0.02, 60)
+  assert kinds.count("rdp-step") == 2          # one RDP curve per rate
   assert eps[0] == _direct(0.05, 1.0, 30, DELTA, "rdp")
   assert eps[3] == _direct(0.02, 1.0, 60, DELTA, "rdp")
+
+
+def test_ledger_rdp_from_one_step_curve_equals_the_accountant_bit_for_bit():
+  # The ledger composes T steps as T x (one step's RDP), computed once per
+  # rate; a fresh dp-accounting RdpAccountant composing the whole event must
+  # give the same float, for Poisson rates, q = 1, one step and many.
+  rates = [0.3, 0.05, 0.004, 1.0]
+  steps = [1, 2, 7, 64, 1000, 123457]
+  memo = {}
+  for sigma in (0.7, 2.5):
+    ledger = accounting.Ledger(np.repeat(rates, len(steps)), sigma, DELTA, memo=memo)
+    ledger.record(np.arange(len(rates) * len(steps)), np.tile(steps, len(rates)))
+    got = ledger.epsilons()
+    want = [_direct(q, sigma, t, DELTA, "rdp") for q in rates for t in steps]
+    np.testing.assert_array_equal(got, want)
+  assert sum(key[0] == "rdp-step" for key in memo) == 2 * len(rates)
+  # A later round's ledger (from_dict, as the trainer rebuilds it) reuses the curves.
+  again = accounting.Ledger.from_dict(ledger.to_dict(), memo=memo)
+  again.record([0, 1], [5, 5])
+  before = len(memo)
+  np.testing.assert_array_equal(again.epsilons()[:2],
+                                [_direct(0.3, 2.5, 6, DELTA, "rdp"),
+                                 _direct(0.3, 2.5, 7, DELTA, "rdp")])
+  assert sum(key[0] == "rdp-step" for key in memo) == 2 * len(rates)
+  assert len(memo) == before + 1     # (0.3, 6) is new, (0.3, 7) was known; no new curve
 
 
 def test_ledger_zero_noise_and_no_steps():

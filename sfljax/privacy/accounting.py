@@ -130,6 +130,36 @@ def epsilon(q: float, noise_multiplier: float, steps: int, delta: float,
     return float(_fresh(accountant).compose(event).get_epsilon(delta))
 
 
+def _step_rdp(q: float, noise_multiplier: float, memo: dict):
+  """(orders, RDP of one step) of :func:`dp_event` ``(q, sigma, 1)`` from a
+  fresh RDP accountant, memoised in ``memo``; None if the accountant keeps
+  them elsewhere (another dp-accounting layout: callers fall back to
+  :func:`epsilon`)."""
+  key = ("rdp-step", q, noise_multiplier)
+  if key not in memo:
+    with quiet():
+      acc = _fresh("rdp").compose(dp_event(q, noise_multiplier, 1))
+    orders, rdp1 = getattr(acc, "_orders", None), getattr(acc, "_rdp", None)
+    memo[key] = (None if orders is None or rdp1 is None
+                 else (np.array(orders, np.float64), np.array(rdp1, np.float64)))
+  return memo[key]
+
+
+def _rdp_epsilon(q: float, noise_multiplier: float, steps: int, delta: float,
+                 memo: dict) -> float:
+  """:func:`epsilon` with the RDP accountant, computing one step's RDP once
+  per (q, sigma): RDP adds up over steps, and the accountant composes
+  ``steps`` steps as ``steps * rdp1`` (so the result is the same float)."""
+  if steps == 0 or noise_multiplier == 0.0:
+    return epsilon(q, noise_multiplier, steps, delta, "rdp")
+  curve = _step_rdp(q, noise_multiplier, memo)
+  if curve is None:
+    return epsilon(q, noise_multiplier, steps, delta, "rdp")
+  orders, rdp1 = curve
+  with quiet():
+    return float(rdp.rdp_privacy_accountant.compute_epsilon(orders, steps * rdp1, delta)[0])
+
+
 @contextlib.contextmanager
 def quiet():
   """dp-accounting logs a warning (absl) for every Renyi order it cannot
@@ -220,7 +250,7 @@ class Ledger:
   """
 
   def __init__(self, q, noise_multiplier: float, delta: float, accountant: str = "rdp",
-               overflow_probability=None):
+               overflow_probability=None, *, memo: dict | None = None):
     q = np.array(q, np.float64)
     if q.ndim != 1 or q.size == 0:
       raise ValueError(f"q: expected a non-empty 1-D array of per-client rates, got "
@@ -246,7 +276,9 @@ class Ledger:
     self.accountant = _check_accountant(accountant)
     self.steps = np.zeros(q.shape, np.int64)
     self.overflowed = np.zeros(q.shape, np.int64)
-    self._cache: dict[tuple[float, int], float] = {}
+    # Epsilons and one-step RDP curves already computed; keys hold every
+    # parameter, so ledgers of one run may share it (``memo=``).
+    self._cache: dict = {} if memo is None else memo
 
   @property
   def num_clients(self) -> int:
@@ -289,9 +321,12 @@ class Ledger:
     np.add.at(self.overflowed, ids, over)
 
   def _epsilon(self, q: float, steps: int) -> float:
-    key = (q, steps)
+    key = ("epsilon", self.accountant, q, self.noise_multiplier, steps, self.delta)
     if key not in self._cache:
-      self._cache[key] = epsilon(q, self.noise_multiplier, steps, self.delta, self.accountant)
+      self._cache[key] = (
+          _rdp_epsilon(q, self.noise_multiplier, steps, self.delta, self._cache)
+          if self.accountant == "rdp"
+          else epsilon(q, self.noise_multiplier, steps, self.delta, self.accountant))
     return self._cache[key]
 
   def epsilons(self) -> np.ndarray:
@@ -329,14 +364,15 @@ class Ledger:
             "steps": self.steps.tolist(), "overflowed": self.overflowed.tolist()}
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "Ledger":
-    """The ledger of :meth:`to_dict`'s output (exactly: ``from_dict(d).to_dict() == d``)."""
+  def from_dict(cls, d: dict[str, Any], *, memo: dict | None = None) -> "Ledger":
+    """The ledger of :meth:`to_dict`'s output (exactly: ``from_dict(d).to_dict() == d``);
+    ``memo``: a dict to share computed epsilons with other ledgers of the run."""
     missing = {"q", "noise_multiplier", "delta", "accountant", "overflow_probability",
                "steps", "overflowed"} - set(d)
     if missing:
       raise ValueError(f"Ledger.from_dict: missing keys {sorted(missing)}")
     ledger = cls(d["q"], d["noise_multiplier"], d["delta"], d["accountant"],
-                 d["overflow_probability"])
+                 d["overflow_probability"], memo=memo)
     k = ledger.num_clients
     ledger.steps[:] = ledger._counts(np.asarray(d["steps"], np.int64), "steps", k)
     ledger.overflowed[:] = ledger._counts(np.asarray(d["overflowed"], np.int64),
