@@ -178,10 +178,10 @@ class Experiment:
       :meth:`step` / :meth:`train_round` (and :meth:`run`'s) is donated to
       the round's program, whose new state reuses its buffers, so one copy of
       the per-client state is alive instead of two (SFLV1 and FL at 1000
-      LeNet clients: ~0.45 GiB less). That state must not be used afterwards
-      (JAX raises on a deleted array); copy it first
-      (``jax.tree.map(jnp.copy, state)``) to keep it. The CLI donates. With
-      ``step_loop='python'`` nothing is donated.
+      LeNet clients with ``client_block=50``: ~0.4 GiB less). That state
+      must not be used afterwards (JAX raises on a deleted array); copy it
+      first (``jax.tree.map(jnp.copy, state)``) to keep it. The CLI
+      donates. With ``step_loop='python'`` nothing is donated.
   """
 
   def __init__(self, config: Config | None = None, dataset: data.Dataset | None = None,
