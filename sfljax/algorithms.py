@@ -309,6 +309,12 @@ def _reset_each(opt, params, stacked_state):
   return jax.vmap(lambda o: optimizers.reset(opt, params, o))(stacked_state)
 
 
+def _stored(reset: bool, opt_state, batch_dims: int = 0):
+  """An optimizer state as kept between its uses: in full, or when it is re-created
+  before every use (``reset``) only the schedule counters (:func:`sfljax.optimizers.compact`)."""
+  return optimizers.compact(opt_state, batch_dims) if reset else opt_state
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitFed:
   """A split algorithm: a composition of sides run over a split model.
@@ -371,8 +377,13 @@ class SplitFed:
     """State from the full model's initial variables."""
     c = self.composition
     client, server = self._split(variables)
-    client_opt = fedavg.broadcast(self.client_optimizer.init(client["params"]), num_clients)
-    server_opt = c.server.init_opt(self.server_optimizer.init(server["params"]), num_clients)
+    pol = self.policy
+    client_opt = fedavg.broadcast(
+        _stored(pol.client_reset_each_round, self.client_optimizer.init(client["params"])),
+        num_clients)
+    server_opt = c.server.init_opt(
+        _stored(pol.server_reset_each_step, self.server_optimizer.init(server["params"])),
+        num_clients)
     if c.aggregation.per_client:
       client = fedavg.broadcast(client, num_clients)
     return SplitState(client, server, client_opt, server_opt, per_client=self._per_client)
@@ -431,8 +442,9 @@ class SplitFed:
     with ``skip_nonfinite`` also when its gradients or updated state are not finite)."""
     if self.skip_nonfinite:
       active = active & split_lib.all_finite(grads, split_lib._state(sv_fwd))
-    sv_new, so_new = optimizer_step(self.server_optimizer, sv_fwd, so, grads,
-                                    reset=self.policy.server_reset_each_step)
+    reset = self.policy.server_reset_each_step
+    sv_new, so_new = optimizer_step(self.server_optimizer, sv_fwd, so, grads, reset=reset)
+    so_new = _stored(reset, so_new)
     return keep_if(active, (sv_new, so_new), (sv, so))
 
   def checked_server_update(self, sv, so, sv_fwd, grads, active, stats: BatchStats):
@@ -530,6 +542,8 @@ class SplitFed:
     """Aggregation: returns ``(new_state, per-participant BatchStats [M])``."""
     c = self.composition
     stats = carry.stats.with_nonfinite()
+    carry = carry.replace(client_opt=_stored(self.policy.client_reset_each_round,
+                                             carry.client_opt, 1))
     if carry.start is None:
       new = SplitState(client=c.aggregation.end(carry.client, inp.weights),
                        server=c.server.end(carry.server, inp.weights),
@@ -622,8 +636,8 @@ class FedAvg:
     _check_privacy(self)
 
   def init(self, variables, num_clients: int) -> FLState:
-    opt = fedavg.broadcast(self.optimizer.init(variables["params"]), num_clients)
-    return FLState(variables, opt)
+    opt = _stored(self.policy.client_reset_each_round, self.optimizer.init(variables["params"]))
+    return FLState(variables, fedavg.broadcast(opt, num_clients))
 
   def global_variables(self, state: FLState, weights=None):
     return state.model
@@ -696,7 +710,7 @@ class FedAvg:
 
   def end(self, carry: FLCarry, inp: RoundInputs):
     stats = carry.stats.with_nonfinite()
-    opt = carry.opt
+    opt = _stored(self.policy.client_reset_each_round, carry.opt, 1)
     if carry.start is None:
       model = fedavg.weighted_average(carry.models, inp.weights)
     else:  # Failed participants: left out of the average, their optimizer rows kept.

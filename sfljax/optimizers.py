@@ -15,7 +15,9 @@ gradient before the optimizer (PyTorch's ``weight_decay`` of Adam and SGD).
 
 :func:`reset` re-creates an optimizer state but keeps its learning-rate
 schedule's position, for optimizers re-created every step or round (the
-official code's behaviour, ``--optimizer-state reference``).
+official code's behaviour, ``--optimizer-state reference``); :func:`compact`
+keeps only what :func:`reset` reads, so that such a state need not be stored
+in full between re-creations.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import numbers
 
 import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
@@ -141,3 +144,28 @@ def reset(opt: optax.GradientTransformation, params, old_state):
     return _carry_counts(new, old_state)
   except ValueError as e:  # jax.tree.map: the two states differ in structure.
     raise ValueError(f"old_state: not a state of this optimizer for these params ({e})") from None
+
+
+def compact(state, batch_dims: int = 0):
+  """``state`` with only what :func:`reset` reads: the schedule counters (and
+  ``inject_hyperparams``' hyperparameters) stay, every other leaf (moments,
+  momentum, Adam's own step count) becomes an empty array of shape
+  ``leaf.shape[:batch_dims] + (0,)``.
+
+  ``reset(opt, params, compact(state))`` equals ``reset(opt, params, state)``,
+  so an optimizer that is re-created before every use can be stored in this
+  form: 1000 clients' Adam states of a 59,134-parameter model take 451 MiB in
+  full and nothing compacted. ``batch_dims`` leading axes are kept (e.g. 1 for
+  a per-client state [K, ...]). Pure tree operations: works under ``jit``.
+  """
+  def empty(leaf):
+    leaf = jnp.asarray(leaf)
+    return jnp.zeros(leaf.shape[:batch_dims] + (0,), leaf.dtype)
+
+  def one(n):
+    if isinstance(n, optax.ScaleByScheduleState):
+      return n
+    if isinstance(n, _COUNTED):
+      return n._replace(inner_state=compact(n.inner_state, batch_dims))
+    return empty(n)
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, _COUNTED))

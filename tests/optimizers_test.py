@@ -130,6 +130,38 @@ def test_reset_under_vmap_and_inject_hyperparams():
   assert float(jnp.abs(fresh.inner_state[0].trace["w"]).max()) == 0
 
 
+@pytest.mark.parametrize("make", [
+    lambda: optimizers.make_optimizer("adam", 0.1, schedule="cosine", total_steps=20),
+    lambda: optimizers.make_optimizer("adamw", 0.1, weight_decay=0.01, schedule="step",
+                                      total_steps=8),
+    lambda: optimizers.make_optimizer("sgd", 0.1, momentum=0.9),
+    lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=optax.linear_schedule(1.0, 0.0, 10),
+                                                momentum=0.9),
+])
+def test_compact_keeps_what_reset_reads(make):
+  """reset from the compact state = reset from the full one (whose counters the
+  updates moved), for one model and for stacked ones; nothing else is kept."""
+  opt = make()
+  params = {"w": jnp.asarray(START, jnp.float32), "b": jnp.ones((2, 3))}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  state = opt.init(params)
+  for _ in range(5):
+    _, state = opt.update(grads, state, params)
+  small = optimizers.compact(state)
+  same = jax.tree.map(lambda a, b: a.dtype == b.dtype and np.array_equal(a, b),
+                      optimizers.reset(opt, params, small), optimizers.reset(opt, params, state))
+  assert all(jax.tree.leaves(same))
+  full_size = sum(a.size for a in jax.tree.leaves(state))
+  assert sum(a.size for a in jax.tree.leaves(small)) <= 8 < full_size   # counters only
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a, a]), state)
+  small3 = optimizers.compact(stacked, batch_dims=1)
+  assert all(a.shape[0] == 3 and a.size <= 3 * 8 for a in jax.tree.leaves(small3))
+  fresh = jax.vmap(lambda s: optimizers.reset(opt, params, s))(small3)
+  ref = optimizers.reset(opt, params, state)
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(a, np.stack([b] * 3)),
+                                          fresh, ref)))
+
+
 @pytest.mark.parametrize("call,arg", [
     (lambda: optimizers.make_optimizer("lamb", 0.1), "name"),
     (lambda: optimizers.make_optimizer("sgd", 0.0), "lr"),
