@@ -648,11 +648,13 @@ class FedAvg:
   def num_steps(self, inp: RoundInputs) -> int:
     return inp.idx.shape[1]
 
-  def begin(self, state: FLState, inp: RoundInputs) -> FLCarry:
+  def begin(self, state: FLState, inp: RoundInputs, *, reset_opt: bool = True) -> FLCarry:
+    """The round's working state (``reset_opt`` False: optimizer states that the
+    policy re-creates each round are left as stored, for the caller to re-create)."""
     m = inp.weights.shape[0]
     opt = state.opt if inp.clients is None else self.executor.take(state.opt, inp.clients)
     start = FLState(state.model, opt) if _handles_faults(self, inp) else None
-    if self.policy.client_reset_each_round:
+    if self.policy.client_reset_each_round and reset_opt:
       opt = _reset_each(self.optimizer, state.model["params"], opt)
     return FLCarry(fedavg.broadcast(state.model, m), opt, _zeros_stats(m, self.skip_nonfinite),
                    None if inp.clients is None else state, start)
@@ -668,6 +670,18 @@ class FedAvg:
 
   def _group_step(self, carry: FLCarry, inp: RoundInputs, t, rows) -> FLCarry:
     """Local step ``t`` of the participants ``rows`` ([G], None: all of them)."""
+    take = (lambda tree: tree) if rows is None else (lambda tree: fedavg.index(tree, rows))
+    models, opt, st = self._local_step(take(carry.models), take(carry.opt), inp, t, rows)
+    if rows is None:
+      return carry.replace(models=models, opt=opt, stats=carry.stats + st)
+    put = lambda full, part: fedavg.update_index(full, rows, part)  # noqa: E731
+    return carry.replace(models=put(carry.models, models), opt=put(carry.opt, opt),
+                         stats=put(carry.stats, take(carry.stats) + st))
+
+  def _local_step(self, models, opt, inp: RoundInputs, t, rows):
+    """Local step ``t`` of the participants ``rows`` ([G], None: all of them)
+    from their ``models`` and ``opt`` ([G, ...]): new models, optimizer states
+    and the step's BatchStats [G]."""
     module = self.model.full()
     needs_rng = bool(getattr(self.model, "needs_rng", False))
 
@@ -690,7 +704,6 @@ class FedAvg:
 
     x, y, m, ids = _batch(inp, t, self.executor, self.augment, rows)
     keys = _keys(inp, ids, t, needs_rng, self.privacy is not None)
-    take = (lambda tree: tree) if rows is None else (lambda tree: fedavg.index(tree, rows))
     act = _step_active(inp, t, rows, m)
     args = [a for a in (keys.client, keys.noise) if a is not None]
 
@@ -700,13 +713,7 @@ class FedAvg:
       noise_key = ks.pop(0) if keys.noise is not None else None
       return local(v, o, xb, yb, mb, a, key, noise_key)
 
-    models, opt, st = self.executor.map(mapped, take(carry.models), take(carry.opt), x, y, m,
-                                        act, *args)
-    if rows is None:
-      return carry.replace(models=models, opt=opt, stats=carry.stats + st)
-    put = lambda full, part: fedavg.update_index(full, rows, part)  # noqa: E731
-    return carry.replace(models=put(carry.models, models), opt=put(carry.opt, opt),
-                         stats=put(carry.stats, take(carry.stats) + st))
+    return self.executor.map(mapped, models, opt, x, y, m, act, *args)
 
   def end(self, carry: FLCarry, inp: RoundInputs):
     stats = carry.stats.with_nonfinite()
@@ -722,7 +729,38 @@ class FedAvg:
     return FLState(model, opt), stats
 
   def round(self, state, inp: RoundInputs):
-    return fused_round(self, state, inp)
+    """One round in one program. With ``executor.block`` = B and more than B
+    participants, block-major: the clients of an FL round do not depend on
+    each other, so each block of B runs all its local steps before the next
+    block starts, and only one block's optimizer states are in their working
+    form at a time (with ``reference`` optimizer states the others stay
+    compacted, :func:`sfljax.optimizers.compact`). Every client computes what
+    the step-by-step blocks compute, so the result is the same bit for bit."""
+    num, block = inp.weights.shape[0], self.executor.block
+    if not block or num <= block:
+      return fused_round(self, state, inp)
+    reset = self.policy.client_reset_each_round
+    carry = self.begin(state, inp, reset_opt=False)
+    steps = self.num_steps(inp)
+
+    def one_block(c: FLCarry, rows):
+      models, opt = fedavg.index(c.models, rows), fedavg.index(c.opt, rows)
+      if reset:
+        opt = _reset_each(self.optimizer, state.model["params"], opt)
+
+      def local(t, acc):
+        models, opt, stats = acc
+        models, opt, st = self._local_step(models, opt, inp, t, rows)
+        return models, opt, stats + st
+
+      models, opt, stats = jax.lax.fori_loop(0, steps, local,
+                                             (models, opt, fedavg.index(c.stats, rows)))
+      put = lambda full, part: fedavg.update_index(full, rows, part)  # noqa: E731
+      return c.replace(models=put(c.models, models), opt=put(c.opt, _stored(reset, opt, 1)),
+                       stats=put(c.stats, stats))
+
+    carry = client_blocks(one_block, carry, jnp.arange(num, dtype=jnp.int32), block)
+    return self.end(carry, inp)
 
   def traffic(self, counts, local_epochs, input_shape, label_dtype) -> comm.Traffic:
     del local_epochs, input_shape, label_dtype

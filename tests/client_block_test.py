@@ -66,12 +66,13 @@ def _data(sizes=SIZES):
   return ds, [np.arange(bounds[k], bounds[k + 1]) for k in range(len(sizes))]
 
 
-def _algorithm(name, strategy, block, skip=False, augment=False):
+def _algorithm(name, strategy, block, skip=False, augment=False, policy="persistent"):
   base = name.removesuffix("_u")
   cut = None if base == "fl" else U_CUT if name.endswith("_u") else CUT
   return algorithms.build(base, MODEL, cut=cut, optimizer=OPT,
                           executor=execution.ClientExecutor(strategy, block),
-                          augment=_augment if augment else None, skip_nonfinite=skip)
+                          augment=_augment if augment else None, skip_nonfinite=skip,
+                          policy=algorithms.OPTIMIZER_POLICIES[policy])
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,11 +84,12 @@ def _experiment(name, sizes, config):
                     algorithm=_algorithm(name, "sequential", None))
 
 
-def _run(name, strategy, block, rounds=2, skip=False, augment=False, sizes=SIZES, **config):
+def _run(name, strategy, block, rounds=2, skip=False, augment=False, sizes=SIZES,
+         policy="persistent", **config):
   """``rounds`` rounds of ``name`` (``_u``: U-shaped) with blocks of ``block``:
   (the final algorithm state, every round's per-participant BatchStats)."""
   exp = _experiment(name, sizes, tuple(sorted(config.items())))
-  alg = _algorithm(name, strategy, block, skip, augment)
+  alg = _algorithm(name, strategy, block, skip, augment, policy)
   state, history = alg.init(MODEL.init(jax.random.key(0)), len(sizes)), []
   round_fn = jax.jit(alg.round)
   for r in range(rounds):
@@ -132,7 +134,16 @@ def test_blocked_rounds_equal_unblocked(name, strategy):
                strategy)
 
 
-@pytest.mark.parametrize("name", ["sflv2"])
+@pytest.mark.parametrize("name", ["sflv1", "fl"])
+def test_blocks_with_reference_optimizer_states(name):
+  """``reference`` optimizer states (re-created each round / step, stored
+  compacted; FL's blocked round runs block-major and re-creates one block's
+  states at a time): blocked = unblocked bit for bit."""
+  _assert_same(_run(name, "sequential", BLOCK, policy="reference"),
+               _run(name, "sequential", None, policy="reference"), "sequential")
+
+
+@pytest.mark.parametrize("name", ["sflv2", "fl"])
 def test_blocks_with_partial_participation(name):
   """5 of the 8 clients take part each round (a fresh draw per round; blocks of
   3 + 2 over the participants' rows), with a keyed augmentation (keys by client
@@ -144,7 +155,7 @@ def test_blocks_with_partial_participation(name):
                "sequential")
 
 
-@pytest.mark.parametrize("name", ["sflv1"])
+@pytest.mark.parametrize("name", ["sflv1", "fl"])
 def test_blocks_with_client_faults(name):
   """Clients failing mid-round (``dropout_rate``) and non-finite checks on: the
   round's start rows, the re-weighted FedAvg and the kept optimizer rows are
