@@ -42,7 +42,11 @@ Optimizer states (:class:`OptimizerPolicy`):
   created afresh at the start of every round, the server optimizer before
   every single step (FL: per client per round; centralized: never reset).
   Learning-rate schedules keep counting through the resets
-  (:func:`sfljax.optimizers.reset`).
+  (:func:`sfljax.optimizers.reset`). Such a state is stored between its
+  uses compacted (:func:`sfljax.optimizers.compact`: only the schedule
+  counters), so 1000 clients' states cost next to nothing between rounds;
+  it is in full only while in use (a client's for its round, a server's for
+  one step).
 
 Learning-rate schedules count optimizer updates per side: a client's
 optimizer takes one update per step of that client (``steps`` per local
