@@ -24,6 +24,7 @@ the server's reconstructions below). ``--only NAME,NAME`` runs a subset.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from sfljax import data  # noqa: E402
 from sfljax.config import Config  # noqa: E402
 from sfljax.leakage import inversion  # noqa: E402
 from sfljax.train import Experiment  # noqa: E402
@@ -53,12 +55,22 @@ def configurations(args) -> list[tuple[str, str, dict]]:
                  dict(cut=1, pixeldp_epsilon=eps, pixeldp_layer=1, pixeldp_draws=args.draws)))
   rows.append(("lenet-cut1-dp-eps5", "client DP-SGD",
                dict(cut=1, dp_clip=1.0, dp_epsilon=5.0)))
-  for cut in (1, 2):   # AlexNet on --alexnet-dataset
-    rows.append((f"alexnet-cut{cut}", "cut depth (AlexNet)",
+  for cut in (1, 2):   # AlexNet on --alexnet-dataset (named by it unless digits)
+    where = "" if args.alexnet_dataset == "digits" else f"-{args.alexnet_dataset}"
+    rows.append((f"alexnet{where}-cut{cut}", "cut depth (AlexNet)",
                  dict(model="alexnet", cut=cut, rounds=args.alexnet_rounds,
                       dataset=args.alexnet_dataset,
                       data_dir=args.data_dir if args.alexnet_dataset == args.dataset else None)))
   return rows
+
+
+def first_images(cfg, n: int):
+  """The configured dataset with only its first ``n`` training images (the test
+  set whole): AlexNet on the whole Fashion-MNIST takes hours per round here."""
+  ds = data.load_dataset(cfg.dataset, data_dir=cfg.data_dir)
+  if not 0 < n <= len(ds.y_train):
+    raise SystemExit(f"leakage.py: --alexnet-train must be in 1..{len(ds.y_train)}, got {n}")
+  return dataclasses.replace(ds, x_train=ds.x_train[:n], y_train=ds.y_train[:n])
 
 
 def base(args) -> dict:
@@ -82,11 +94,12 @@ def study(args) -> None:
       continue
     cfg = Config(**{**base(args), **overrides})
     t0 = time.perf_counter()
-    exp = Experiment(cfg)
+    subset = cfg.model == "alexnet" and args.alexnet_train
+    exp = Experiment(cfg, dataset=first_images(cfg, args.alexnet_train) if subset else None)
     history = exp.run()
     last = history[-1]
     row = {"name": name, "varies": varies, "cut": exp.config.cut, "model": cfg.model,
-           "dataset": cfg.dataset,
+           "dataset": cfg.dataset, "train_images": len(exp.dataset.y_train),
            "rounds": cfg.rounds, "test_accuracy": last["test_accuracy"],
            "epsilon": last.get("epsilon"), **{k: last.get(k) for k in KEYS},
            "leakage_seconds": last.get("leakage_seconds"),
@@ -104,18 +117,18 @@ def study(args) -> None:
 
 
 def markdown(results, args) -> str:
-  lines = [f"SFLV1, 5 clients, LeNet on {args.dataset} for {args.rounds} rounds, AlexNet on "
-           f"{args.alexnet_dataset} for {args.alexnet_rounds}, batch {args.batch_size}, adam lr "
-           f"{args.lr}, no normalisation layers, seed "
+  lines = [f"SFLV1, 5 clients (dataset, training images and rounds per row), batch "
+           f"{args.batch_size}, adam lr {args.lr}, no normalisation layers, seed "
            f"{args.seed}; 10% of the training set held out as the server's auxiliary data "
            f"({args.aux or 'all'} used); measures on the first "
            f"{args.probe or 'min(512, test set)'} test images after "
            f"the last round; decoder {args.decoder_steps} Adam steps", "",
-           "| configuration | dataset | varies | cut | test accuracy | dcor | label AUC "
-           "(direction) | label AUC (norm) | inversion MSE | PSNR (dB) | SSIM |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| configuration | dataset | training images | rounds | varies | cut | test accuracy "
+           "| dcor | label AUC (direction) | label AUC (norm) | inversion MSE | PSNR (dB) | SSIM |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in results:
-    lines.append(f"| {r['name']} | {r.get('dataset', args.dataset)} | {r['varies']} | "
+    lines.append(f"| {r['name']} | {r.get('dataset', args.dataset)} | "
+                 f"{r.get('train_images', 'all')} | {r['rounds']} | {r['varies']} | "
                  f"{r['cut']} | {r['test_accuracy']:.4f} | "
                  f"{r['leak_dcor']:.3f} | {r['leak_label_auc']:.3f} | "
                  f"{r['leak_label_auc_norm']:.3f} | {r['leak_inversion_mse']:.3f} | "
@@ -136,8 +149,8 @@ def plot(results, args) -> None:
       ax.annotate(r["name"], (r[key], r["test_accuracy"]), fontsize=6,
                   xytext=(3, 2), textcoords="offset points")
     ax.set(xlabel=f"{label} (higher leaks more)", ylabel="test accuracy")
-  fig.suptitle(f"accuracy vs leakage, SFLV1: LeNet on {args.dataset}, AlexNet on "
-               f"{args.alexnet_dataset}; one point per configuration")
+  fig.suptitle("accuracy vs leakage, SFLV1 (LeNet and AlexNet; datasets per row in "
+               "table.md); one point per configuration")
   fig.tight_layout()
   fig.savefig(os.path.join(args.out, "accuracy_vs_leakage.png"), dpi=120)
 
@@ -165,6 +178,8 @@ def main(argv=None) -> None:
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--alexnet-rounds", type=int, default=10)
   p.add_argument("--alexnet-dataset", default="digits")
+  p.add_argument("--alexnet-train", type=int, default=None, metavar="N",
+                 help="AlexNet rows: only the dataset's first N training images")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--seed", type=int, default=0)

@@ -54,6 +54,33 @@ def _abstract(tree):
   return jax.tree.map(one, tree)
 
 
+def _is_empty(a) -> bool:
+  return getattr(a, "size", 1) == 0
+
+
+def _without_empty(tree):
+  """``tree`` with its zero-size arrays (e.g. compacted optimizer states,
+  :func:`sfljax.optimizers.compact`) replaced by None: they hold no values,
+  and orbax does not save zero-size arrays."""
+  return jax.tree.map(lambda a: None if _is_empty(a) else a, tree)
+
+
+def _with_empty(like, restored):
+  """``restored`` (a :func:`_without_empty` tree) with the zero-size arrays of
+  ``like`` put back (their shapes, dtypes and shardings)."""
+  def empty(a):
+    z = np.zeros(a.shape, a.dtype)
+    sharding = getattr(a, "sharding", None)
+    return jax.device_put(z, sharding) if sharding is not None else z
+  values = iter(jax.tree.leaves(restored, is_leaf=lambda x: x is None))
+  leaves, treedef = jax.tree.flatten(like)
+  out = []
+  for a in leaves:
+    got = next(values)
+    out.append(empty(a) if _is_empty(a) else got)
+  return jax.tree.unflatten(treedef, out)
+
+
 class Checkpoints:
   """The checkpoints of one run, in ``directory`` (created on the first save).
 
@@ -98,7 +125,7 @@ class Checkpoints:
            meta: dict[str, Any] | None = None) -> str:
     """Saves round ``round_index`` (atomic); returns its directory."""
     ocp = _ocp()
-    items = {"state": ocp.args.StandardSave(state),
+    items = {"state": ocp.args.StandardSave(_without_empty(state)),
              "meta": ocp.args.JsonSave({"format": FORMAT, "round": int(round_index),
                                         **(meta or {})})}
     if global_variables is not None:
@@ -145,12 +172,14 @@ class Checkpoints:
                             f"{meta.get('format')!r}, this sfljax reads {FORMAT}")
     try:
       out = self._mgr().restore(round_index, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(None if like is None else _abstract(like))))
-    except (ValueError, KeyError, TypeError) as e:
+          state=ocp.args.StandardRestore(None if like is None
+                                         else _abstract(_without_empty(like)))))
+      state = out["state"] if like is None else _with_empty(like, out["state"])
+    except (ValueError, KeyError, TypeError, StopIteration) as e:
       first = str(e).splitlines()[0] if str(e) else type(e).__name__
       raise CheckpointError(f"{self.directory}/{round_index}: the checkpoint does not match "
                             f"this run's state ({first[:200]})") from None
-    return out["state"], meta
+    return state, meta
 
   def restore_global(self, round_index: int | None = None) -> Any:
     """The global model's variables saved with a round (default: the newest)."""

@@ -33,9 +33,12 @@ from sfljax.train import Config, Experiment  # noqa: E402
 HERE = os.path.abspath(__file__)
 CLIENTS, FRACTION, DEVICES, ROUNDS = 8, 0.5, 4, 3
 COUNTS = (16, 12, 16, 10, 16, 14, 8, 16)  # Unequal clients: padding and masked steps.
-# algorithm:step_loop:strategy[:dropout]: both step loops, both strategies
-# inside a device, and one run with client faults (the `reported` input).
-RUNS = ("sflv1:python:sequential", "sflv2:scan:vmap", "fl:scan:vmap", "sflv1:scan:vmap:dropout")
+# algorithm:step_loop:strategy[:dropout|:dp]: both step loops, both strategies
+# inside a device, one run with client faults (the `reported` input) and one
+# with client-side DP-SGD (Poisson-sampled batches, per-client noise keys) and
+# a PixelDP noise layer.
+RUNS = ("sflv1:python:sequential", "sflv2:scan:vmap", "fl:scan:vmap", "sflv1:scan:vmap:dropout",
+        "sflv1:scan:vmap:dp")
 TIMEOUT = 600
 METRIC_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
                "client_test_accuracy")
@@ -51,6 +54,8 @@ def _problem():
 
 def _config(run: str, **changes) -> Config:
   name, step_loop, strategy, *extra = run.split(":")
+  if "dp" in extra:
+    changes = dict(dp_clip=1.0, dp_noise=1.0, dp_delta=1e-3, pixeldp_epsilon=4.0, **changes)
   return Config(algorithm=name, clients=CLIENTS, client_fraction=FRACTION, rounds=ROUNDS,
                 batch_size=8, step_loop=step_loop, strategy=strategy, optimizer="adam",
                 lr=1e-3, dropout_rate=0.3 if "dropout" in extra else 0.0, **changes)
@@ -126,8 +131,9 @@ def _flat(prefix, tree) -> dict[str, np.ndarray]:
 
 def _history_row(metrics: dict) -> dict:
   keep = METRIC_KEYS + ("participants", "reported", "client_train_loss", "failed_clients",
-                        "bytes_client_to_server")
-  return {k: metrics[k] for k in keep}
+                        "bytes_client_to_server", "epsilon", "client_epsilon",
+                        "dp_overflow_steps")
+  return {k: metrics[k] for k in keep if k in metrics}
 
 
 def worker(out: str) -> None:
@@ -220,8 +226,10 @@ def test_sharded_partial_participation_equals_one_device(four_devices, run):
   for got, ref in zip(hist["sharded"], hist["reference"]):
     for key in METRIC_KEYS:
       assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-5), key
-    for key in ("participants", "reported", "failed_clients", "bytes_client_to_server"):
-      assert got[key] == ref[key], key
+    for key in ("participants", "reported", "failed_clients", "bytes_client_to_server",
+                "epsilon", "client_epsilon", "dp_overflow_steps"):
+      assert got.get(key) == ref.get(key), key
+    assert ("epsilon" in got) == run.endswith(":dp")
     assert [v is None for v in got["client_train_loss"]] == \
         [v is None for v in ref["client_train_loss"]]
     np.testing.assert_allclose(

@@ -120,7 +120,9 @@ CASES = {
     "sflv1": ["--algorithm", "sflv1"],
     "sflv2_random_order": ["--algorithm", "sflv2", "--sflv2-order", "paper"],
     "sl": ["--algorithm", "sl"],
-    "sflv1_fraction": ["--algorithm", "sflv1", "--client-fraction", "0.5"],
+    # Reference optimizer states are stored compacted (zero-size leaves, one row per client).
+    "sflv1_fraction": ["--algorithm", "sflv1", "--client-fraction", "0.5",
+                       "--optimizer-state", "reference"],
 }
 
 
