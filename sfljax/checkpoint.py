@@ -71,7 +71,10 @@ def _with_empty(like, restored):
   def empty(a):
     z = np.zeros(a.shape, a.dtype)
     sharding = getattr(a, "sharding", None)
-    return jax.device_put(z, sharding) if sharding is not None else z
+    if sharding is None:
+      return z
+    # Built per addressable shard: also for a sharding over several processes.
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: z[index])
   values = iter(jax.tree.leaves(restored, is_leaf=lambda x: x is None))
   leaves, treedef = jax.tree.flatten(like)
   out = []
