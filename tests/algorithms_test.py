@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -189,15 +190,16 @@ def test_reference_optimizer_policy_stores_no_moments(algorithm):
   s_ref, s_per = _train(ref, 2).algo, _train(per, 2).algo
   opts = ((s_ref.opt,), (s_per.opt,)) if algorithm == "fl" else (
       (s_ref.client_opt, s_ref.server_opt), (s_per.client_opt, s_per.server_opt))
-  for o in opts[0]:
+  for n, o in enumerate(opts[0]):
     leaves = jax.tree.leaves(o)
     assert leaves and all(a.size == 0 for a in leaves)
-    assert all(a.shape[0] == 2 for a in leaves) or algorithm == "sflv2"
+    shared = algorithm == "sflv2" and n == 1   # SFLV2's one server: no client rows
+    assert all(a.shape == ((0,) if shared else (2, 0)) for a in leaves), [a.shape for a in leaves]
   counts = [np.asarray(o[0].count) for o in opts[1]]
-  shared = 2 * 2 * steps   # SFLV2's one server: both clients' steps, two rounds
+  server_steps = 2 * 2 * steps   # SFLV2's one server: both clients' steps, two rounds
   assert np.all(counts[0] == 2 * steps)
   if algorithm != "fl":
-    assert np.all(counts[1] == (shared if algorithm == "sflv2" else 2 * steps))
+    assert np.all(counts[1] == (server_steps if algorithm == "sflv2" else 2 * steps))
 
 
 def test_same_seed_identical_metrics_and_different_seed_differs():
@@ -224,3 +226,28 @@ def test_scan_and_python_step_loops_agree(algorithm):
     exp = _experiment(algorithm=algorithm, clients=3, step_loop=step_loop)
     got.append(exp.global_variables(_train(exp, 2)))
   assert_trees_close(got[0], got[1], atol=1e-6)
+
+
+def test_step_keys_follow_client_ids_not_rows():
+  """With partial participation (participants' rows are not their ids) and a
+  block of rows, every participant's keys at step t are the documented
+  fold_in(fold_in(fold_in(round key, t), client id), i): 1-3 dropout, 4 DP noise,
+  computed here with jax.random directly."""
+  from sfljax import algorithms
+  exp = _experiment(small_digits(96, 8), clients=8, client_fraction=0.5, batch_size=4)
+  inp = exp.round_inputs(1)
+  clients = np.asarray(inp.clients)
+  assert not np.array_equal(clients, np.arange(len(clients)))   # Rows differ from ids.
+  rows = jnp.asarray([2, 0], jnp.int32)
+  t = 3
+  ids = algorithms._batch(inp, t, exp.executor, None, rows)[3]
+  np.testing.assert_array_equal(np.asarray(ids), clients[[2, 0]])
+  keys = algorithms._keys(inp, ids, t, needed=True, noise=True)
+  for j, c in enumerate(clients[[2, 0]]):
+    base = jax.random.fold_in(jax.random.fold_in(inp.key, t), int(c))
+    for i, got in ((1, keys.client), (2, keys.server), (3, keys.tail), (4, keys.noise)):
+      want = jax.random.key_data(jax.random.fold_in(base, i))
+      np.testing.assert_array_equal(np.asarray(jax.random.key_data(got[j])), np.asarray(want))
+  only_noise = algorithms._keys(inp, ids, t, needed=False, noise=True).noise
+  np.testing.assert_array_equal(np.asarray(jax.random.key_data(only_noise)),
+                                np.asarray(jax.random.key_data(keys.noise)))
