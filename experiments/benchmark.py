@@ -208,7 +208,8 @@ def worker(spec: dict) -> dict:
                batch_size=spec["batch_size"], strategy=spec["strategy"],
                step_loop=spec["step_loop"], client_block=spec["client_block"],
                client_fraction=spec.get("client_fraction", 1.0),
-               precision=spec["precision"], rounds=1)
+               precision=spec["precision"], rounds=1,
+               conv_lowering=spec.get("conv_lowering", "auto"))
   r = measure(cfg, ds, parts, spec["repeats"], spec["budget"])
   exp = r.pop("exp")
   fps = train_flops_per_sample(exp, w["batch_size"] if spec["model"] == "resnet18" else 32)
@@ -287,7 +288,8 @@ def grid(args) -> dict:
         spec = {"engine": "sfljax", "model": model, "algorithm": alg, "clients": k,
                 "samples_per_client": spc, "batch_size": bs, "strategy": args.strategy,
                 "step_loop": args.step_loop, "client_block": args.client_block,
-                "precision": args.precision, "repeats": args.repeats, "budget": args.budget}
+                "precision": args.precision, "conv_lowering": args.conv_lowering,
+                "repeats": args.repeats, "budget": args.budget}
         if alg in last:
           k0, s0 = last[alg]
           predicted = s0 * k / k0
@@ -357,7 +359,8 @@ def suite(args) -> dict:
               "clients": w["clients"], "samples_per_client": w["samples_per_client"],
               "batch_size": w["batch_size"], "strategy": args.strategy,
               "step_loop": args.step_loop, "client_block": args.client_block,
-              "precision": args.precision, "repeats": args.repeats, "budget": args.budget,
+              "precision": args.precision, "conv_lowering": args.conv_lowering,
+              "repeats": args.repeats, "budget": args.budget,
               "fashion_mnist": args.fashion_mnist if w.get("fashion_mnist") else None}
       load = os.getloadavg()[0]  # The machine must be quiet: recorded per row.
       r = {"workload": name, "load_before": load, **measure_pair(spec, args)}
@@ -449,6 +452,10 @@ def main(argv=None):
   p.add_argument("--step-loop", default="auto")
   p.add_argument("--client-block", type=int, default=None)
   p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+  p.add_argument("--conv-lowering", default="auto",
+                 choices=("auto", "autotune", "xla", "patches", "taps"),
+                 help="sfljax's --conv-lowering (autotune: measured in the worker, cached in "
+                      "$SFLJAX_CONV_CACHE or ~/.cache/sfljax; compile seconds then include it)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--budget", type=float, default=60.0,
                  help="seconds per round: slower configurations are timed once, and larger "

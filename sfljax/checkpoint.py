@@ -210,7 +210,7 @@ def load_model(run_dir: str, round_index: int | None = None, *, model=None):
   checkpoint (or of ``round_index``). Predict with
   ``sfljax.apply_part(model.full(), variables, x, train=False)[0]``.
   """
-  from sfljax import models
+  from sfljax import conv_autotune, models
   path = os.path.join(run_dir, "config.json")
   try:
     with open(path) as f:
@@ -222,6 +222,7 @@ def load_model(run_dir: str, round_index: int | None = None, *, model=None):
   if model is None:
     model = models.get_model(cfg["model"], input_shape=tuple(resolved["input_shape"]),
                              num_classes=int(resolved["num_classes"]), norm=cfg.get("norm"),
-                             dropout=cfg.get("dropout", 0.0))
+                             dropout=cfg.get("dropout", 0.0),
+                             conv_lowering=conv_autotune.policy(cfg.get("conv_lowering", "auto")))
   variables = Checkpoints(os.path.join(run_dir, "checkpoints")).restore_global(round_index)
   return model, variables

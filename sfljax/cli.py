@@ -423,6 +423,9 @@ def _write_summary(run, history, exp, status, message=None) -> None:
              "train_seconds": sum(m["seconds"] for m in history)}
   if message is not None:
     summary["message"] = message
+  used = getattr(getattr(exp, "conv_policy", None), "used", None)
+  if used:   # --conv-lowering autotune: what each convolution ran as (fwd, dx, dw).
+    summary["conv_lowerings"] = dict(used)
   if exp.dp is not None:
     last = history[-1] if history else {}
     summary["dp"] = {"epsilon": last.get("epsilon", 0.0), "delta": exp.dp.delta,

@@ -143,6 +143,12 @@ class Config:
       None, "normalisation layers: batch, group or none (no normalisation); unset = the "
       "model's own", choices=models.NORMS)
   dropout: float = _opt(0.0, "dropout rate inside the paper models' classifier, in [0, 1)")
+  conv_lowering: str = _opt(
+      "auto", "how convolutions are computed on CPU (speed and float rounding only): auto "
+      "(a fixed per-layer rule), autotune (each distinct convolution timed once per machine, "
+      "choices cached in $SFLJAX_CONV_CACHE or ~/.cache/sfljax/conv_lowerings.json and written "
+      "to summary.json), or one lowering for all: xla, patches, taps",
+      choices=("auto", "autotune", "xla", "patches", "taps"))
   dataset: str = _opt("digits", "the dataset", choices=data.DATASETS)
   data_dir: str | None = _opt(None, "folder holding the dataset's files (digits ships with "
                                     "sfljax and takes none)", metavar="DIR")

@@ -357,7 +357,13 @@ def auto_lowering(x_shape, w_shape, strides, padding="SAME", backend: str | None
   return (fwd, dx, dw)
 
 
-def _resolve(lowering, x_shape, w_shape, s, pads) -> tuple[str, str, str]:
+def _resolve(lowering, x_shape, w_shape, s, pads, dtype) -> tuple[str, str, str]:
+  if callable(lowering):   # a policy, e.g. sfljax.conv_autotune.Autotune()
+    methods = tuple(lowering(tuple(x_shape), tuple(w_shape), s, pads, dtype))
+    if len(methods) != 3 or any(m not in METHODS for m in methods):
+      raise ValueError(f"the lowering policy {lowering!r} returned {methods!r}, not three of "
+                       f"{METHODS}")
+    return methods
   if isinstance(lowering, str):
     if lowering == "auto":
       return auto_lowering(x_shape, w_shape, s, pads)
@@ -379,8 +385,10 @@ def conv2d(x, kernel, *, strides=1, padding="SAME", lowering="auto"):
     strides: int or pair.
     padding: 'SAME', 'VALID', an int or explicit ((lo, hi), (lo, hi)).
     lowering: 'auto' (per-layer choice, :func:`auto_lowering`), a name in
-      :data:`LOWERINGS`, or a (forward, input_grad, kernel_grad) triple of
-      :data:`METHODS`.
+      :data:`LOWERINGS`, a (forward, input_grad, kernel_grad) triple of
+      :data:`METHODS`, or a policy: a callable (x_shape, kernel_shape,
+      strides, pads, dtype) -> such a triple, called while tracing (e.g.
+      :class:`sfljax.conv_autotune.Autotune`, which measures).
 
   Returns (N, H_out, W_out, C_out) in ``result_type(x, kernel)``; low-precision
   products are accumulated in float32.
@@ -391,10 +399,10 @@ def conv2d(x, kernel, *, strides=1, padding="SAME", lowering="auto"):
     raise ValueError(f"input channels {x.shape[-1]} != kernel in-channels {kernel.shape[2]}")
   s = _pair(strides, "strides")
   pads = normalize_padding(padding, x.shape[1:3], kernel.shape[:2], s)
-  methods = _resolve(lowering, x.shape, kernel.shape, s, pads)
+  dtype = jnp.result_type(x.dtype, kernel.dtype)
+  methods = _resolve(lowering, x.shape, kernel.shape, s, pads, dtype)
   if methods == LOWERINGS["xla"]:
     return _fwd("xla", x, kernel, s, pads)  # plain autodiff
-  dtype = jnp.result_type(x.dtype, kernel.dtype)
   return _conv_custom(x.astype(dtype), kernel.astype(dtype), s, pads, methods)
 
 

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from sfljax.conv import Conv
+from sfljax.pooling import max_pool
 
 __all__ = [
     "MODELS",
@@ -143,13 +144,15 @@ class ConvBlock(nn.Module):
   norm: str = "none"
   pool: bool = False
   kernel_init: Callable[..., Any] = nn.linear.default_kernel_init
+  lowering: Any = "auto"   # sfljax.conv.conv2d's lowering (a name, triple or policy)
 
   @nn.compact
   def __call__(self, x, *, train: bool, mask=None):
     # A bias right before batch norm is cancelled by its mean subtraction: its
     # gradient is pure rounding noise, which Adam would turn into steps.
     x = Conv(self.features, (self.kernel, self.kernel), padding=self.padding,
-             use_bias=self.norm != "batch", kernel_init=self.kernel_init, name="conv")(x)
+             use_bias=self.norm != "batch", kernel_init=self.kernel_init,
+             lowering=self.lowering, name="conv")(x)
     x = nn.relu(_norm(self.norm, x, train=train, mask=mask, name="norm"))
     if self.pool:
       x = max_pool_2x2(x)
@@ -180,13 +183,14 @@ class ResNetStem(nn.Module):
   """7x7 stride-2 conv (no bias) -> norm -> ReLU -> 3x3 stride-2 max-pool (pad 1)."""
   features: int = 64
   norm: str = "batch"
+  lowering: Any = "auto"
 
   @nn.compact
   def __call__(self, x, *, train: bool, mask=None):
     x = Conv(self.features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-             use_bias=False, kernel_init=_he_fan_out, name="conv")(x)
+             use_bias=False, kernel_init=_he_fan_out, lowering=self.lowering, name="conv")(x)
     x = nn.relu(_norm(self.norm, x, train=train, mask=mask, name="norm"))
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 class BasicBlock(nn.Module):
@@ -198,10 +202,12 @@ class BasicBlock(nn.Module):
   features: int
   stride: int = 1
   norm: str = "batch"
+  lowering: Any = "auto"
 
   @nn.compact
   def __call__(self, x, *, train: bool, mask=None):
-    conv = functools.partial(Conv, use_bias=False, kernel_init=_he_fan_out)
+    conv = functools.partial(Conv, use_bias=False, kernel_init=_he_fan_out,
+                             lowering=self.lowering)
     norm = functools.partial(_norm, self.norm, train=train, mask=mask)
     s = (self.stride, self.stride)
     y = conv(self.features, (3, 3), strides=s, padding=((1, 1), (1, 1)), name="conv1")(x)
@@ -864,8 +870,14 @@ def _check_lenet_size(input_shape) -> None:
 _SIZE_CHECKS = {"lenet": _check_lenet_size}  # The other models take any size >= 1x1.
 
 
+def _has_convs(factory) -> bool:
+  return (isinstance(factory, functools.partial) and isinstance(factory.func, type)
+          and issubclass(factory.func, (ConvBlock, ResNetStem, BasicBlock)))
+
+
 def get_model(name: str, *, input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
-              norm: str | None = None, dropout: float = 0.0) -> SplitModel:
+              norm: str | None = None, dropout: float = 0.0,
+              conv_lowering: Any = "auto") -> SplitModel:
   """Builds the :class:`SplitModel` ``name`` (one of :data:`MODELS`).
 
   ``norm`` is 'batch', 'group' or 'none'; ``None`` picks the model's default
@@ -873,7 +885,11 @@ def get_model(name: str, *, input_shape: Sequence[int] = (28, 28, 1), num_classe
   < 1) adds dropout to the classifier: after the ReLU of fc1 and fc2 (lenet,
   alexnet, vgg16) or before the head's Dense (resnet18).  Rate 0 adds no
   layer: the same variables and outputs as without the argument.  With rate
-  > 0, train-mode :func:`apply_part` needs ``rng``.
+  > 0, train-mode :func:`apply_part` needs ``rng``.  ``conv_lowering`` goes to
+  every convolution (:func:`sfljax.conv.conv2d`'s ``lowering``: 'auto' = the
+  fixed per-layer rule, a lowering name, or a policy such as
+  :class:`sfljax.conv_autotune.Autotune`); it changes speed and float
+  rounding, never the variables.
 
   Raises ``ValueError`` for an ``input_shape`` the model cannot take (lenet:
   smaller than 12x12, see :func:`_check_lenet_size`; the others take any size).
@@ -894,6 +910,9 @@ def get_model(name: str, *, input_shape: Sequence[int] = (28, 28, 1), num_classe
     raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
   dropout = float(dropout)
   blocks, default_cut = builder(input_shape, int(num_classes), norm, dropout)
+  if not (isinstance(conv_lowering, str) and conv_lowering == "auto"):
+    blocks = tuple((n, functools.partial(f, lowering=conv_lowering) if _has_convs(f) else f)
+                   for n, f in blocks)
   names, factories = zip(*blocks)
   return SplitModel(name=name, block_names=tuple(names), factories=tuple(factories),
                     input_shape=input_shape, num_classes=int(num_classes),

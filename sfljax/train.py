@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfljax import (algorithms, data, distributed, execution, faults, models, optimizers, sides,
-                    split)
+from sfljax import (algorithms, conv_autotune, data, distributed, execution, faults, models,
+                    optimizers, sides, split)
 from sfljax.config import Config, ConfigError
 
 METRICS: dict[str, str] = {
@@ -193,6 +193,8 @@ class Experiment:
     self.config = config = (Config() if config is None else config).validate()
     self._strata = strata
     self.donate = bool(donate)
+    # The convolution lowering policy of a model built here (--conv-lowering).
+    self.conv_policy = conv_autotune.policy(config.conv_lowering)
     if dataset is None:
       try:
         dataset = data.load_dataset(config.dataset, seed=config.seed, data_dir=config.data_dir)
@@ -224,7 +226,7 @@ class Experiment:
       try:
         model = models.get_model(config.model, input_shape=ds.input_shape,
                                  num_classes=ds.num_classes, norm=config.norm,
-                                 dropout=config.dropout)
+                                 dropout=config.dropout, conv_lowering=self.conv_policy)
       except ValueError as e:
         raise ConfigError("--norm" if "norm" in str(e) else "--model", str(e)) from None
     elif tuple(model.input_shape) != tuple(ds.input_shape) or model.num_classes < ds.num_classes:

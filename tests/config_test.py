@@ -67,8 +67,8 @@ def test_defaults_parse_to_the_default_config():
 
 def test_every_flag_parses_to_the_constructed_config():
   argv = ["train", "--algorithm", "sflv2", "--model", "alexnet", "--cut", "conv1, fc2",
-          "--norm", "group", "--dropout", "0.25", "--dataset", "mnist", "--data-dir", "/d",
-          "--clients", "7", "--rounds", "3", "--local-epochs", "2", "--batch-size", "16",
+          "--norm", "group", "--dropout", "0.25", "--conv-lowering", "autotune",
+          "--dataset", "mnist", "--data-dir", "/d", "--clients", "7", "--rounds", "3", "--local-epochs", "2", "--batch-size", "16",
           "--optimizer", "sgd", "--client-optimizer", "adamw", "--server-optimizer", "adam",
           "--lr", "0.05", "--lr-schedule", "cosine", "--momentum", "0.9",
           "--weight-decay", "1e-4", "--loss", "cross_entropy", "--label-smoothing", "0.1",
@@ -87,7 +87,7 @@ def test_every_flag_parses_to_the_constructed_config():
           "100", "--leakage-inversion-every", "2", "--leakage-decoder-steps", "50",
           "--nopeek-weight", "0.5", "--quiet"]
   want = Config(algorithm="sflv2", model="alexnet", cut="conv1,fc2", norm="group", dropout=0.25,
-                dataset="mnist", data_dir="/d", clients=7, rounds=3, local_epochs=2,
+                conv_lowering="autotune", dataset="mnist", data_dir="/d", clients=7, rounds=3, local_epochs=2,
                 batch_size=16, optimizer="sgd", client_optimizer="adamw",
                 server_optimizer="adam", lr=0.05, lr_schedule="cosine", momentum=0.9,
                 weight_decay=1e-4, loss="cross_entropy", label_smoothing=0.1,
