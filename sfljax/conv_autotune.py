@@ -5,7 +5,8 @@ development CPU. :class:`Autotune` is a lowering policy that instead times
 every candidate (:data:`sfljax.conv.METHODS`) for the forward pass, the input
 gradient and the kernel gradient of each distinct convolution (input shape,
 kernel shape, strides, padding, dtype) the first time a model traces it, keeps
-the fastest of each, and stores the choice in a JSON cache keyed by the
+the fastest of each (timed inside a ``lax.scan``, the context the training
+programs run them in), and stores the choice in a JSON cache keyed by the
 machine (CPU model and count, backend, device kind, jax version), like cuDNN's
 benchmark mode. Later traces, in this process or any other, read the cache
 and measure nothing.
@@ -41,12 +42,18 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from sfljax import conv
 
 __all__ = ["Autotune", "MARGIN", "default_cache_path", "machine_key", "measure", "policy"]
 
 MARGIN = 0.10   # a candidate must beat the rule's choice by more than 10%
+# Each candidate runs inside a lax.scan over this many different inputs: the
+# training programs run their steps in a scan, and XLA:CPU compiles some
+# convolutions far slower inside a loop body (LeNet's conv2 kernel gradient at
+# batch 32: 0.9 ms alone, 8.0 ms per iteration in a scan).
+SCAN_LENGTH = 4
 PARTS = ("fwd", "dx", "dw")
 
 
@@ -96,10 +103,12 @@ def _median_seconds(f, args, repeats: int) -> float:
 
 def measure(x_shape, w_shape, strides, pads, dtype, *, repeats: int = 3,
             methods=conv.METHODS) -> dict[str, dict[str, float]]:
-  """Median seconds of each method for each part: ``{part: {method: s}}``.
+  """Median seconds of each method for each part: ``{part: {method: s}}``,
+  per call inside a ``lax.scan`` of :data:`SCAN_LENGTH` calls on different
+  fixed random inputs.
 
   Runs eagerly even when called while a function is being traced (each
-  candidate is its own compiled program on fixed random inputs).
+  candidate is its own compiled program).
   """
   x_shape, w_shape = tuple(x_shape), tuple(w_shape)
   strides = tuple(strides)
@@ -108,18 +117,21 @@ def measure(x_shape, w_shape, strides, pads, dtype, *, repeats: int = 3,
   ho = (x_shape[1] + sum(pads[0]) - kh) // strides[0] + 1
   wo = (x_shape[2] + sum(pads[1]) - kw) // strides[1] + 1
   out: dict[str, dict[str, float]] = {p: {} for p in PARTS}
+  n = SCAN_LENGTH
+  scanned = lambda f: jax.jit(lambda *xs: lax.scan(lambda c, a: (c, f(*a)), None, xs)[1])
   with jax.ensure_compile_time_eval():
     kx, kw_, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, x_shape, dtype)
-    w = jax.random.normal(kw_, w_shape, dtype)
-    g = jax.random.normal(kg, (x_shape[0], ho, wo, cout), dtype)
+    x = jax.random.normal(kx, (n,) + x_shape, dtype)
+    w = jax.random.normal(kw_, (n,) + w_shape, dtype)
+    g = jax.random.normal(kg, (n, x_shape[0], ho, wo, cout), dtype)
     for m in methods:
-      fwd = jax.jit(lambda x_, w_, m=m: conv._fwd(m, x_, w_, strides, pads))
-      dx = jax.jit(lambda g_, w_, m=m: conv._input_grad(m, g_, x_shape, dtype, w_, strides, pads))
-      dw = jax.jit(lambda g_, x_, m=m: conv._kernel_grad(m, g_, x_, w_shape, dtype, strides, pads))
-      out["fwd"][m] = _median_seconds(fwd, (x, w), repeats)
-      out["dx"][m] = _median_seconds(dx, (g, w), repeats)
-      out["dw"][m] = _median_seconds(dw, (g, x), repeats)
+      fwd = scanned(lambda x_, w_, m=m: conv._fwd(m, x_, w_, strides, pads))
+      dx = scanned(lambda g_, w_, m=m: conv._input_grad(m, g_, x_shape, dtype, w_, strides, pads))
+      dw = scanned(lambda g_, x_, m=m: conv._kernel_grad(m, g_, x_, w_shape, dtype, strides,
+                                                         pads))
+      out["fwd"][m] = _median_seconds(fwd, (x, w), repeats) / n
+      out["dx"][m] = _median_seconds(dx, (g, w), repeats) / n
+      out["dw"][m] = _median_seconds(dw, (g, x), repeats) / n
   return out
 
 
