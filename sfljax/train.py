@@ -194,6 +194,10 @@ class Experiment:
     self._strata = strata
     self.donate = bool(donate)
     # The convolution lowering policy of a model built here (--conv-lowering).
+    if config.conv_lowering == "autotune" and jax.process_count() > 1:
+      raise ConfigError("--conv-lowering", "autotune measures in each process, so hosts could "
+                                           "compile different programs: with several processes "
+                                           "use auto or one lowering (xla, patches, taps)")
     self.conv_policy = conv_autotune.policy(config.conv_lowering)
     if dataset is None:
       try:

@@ -153,3 +153,12 @@ def test_cli_autotune_records_its_choices_and_reruns_bit_for_bit(tmp_path, monke
   strip = lambda lines: [{k: v for k, v in json.loads(l).items() if "seconds" not in k}
                          for l in lines]
   assert strip(metrics_a) == strip(metrics_b)
+
+
+def test_autotune_is_refused_with_several_processes(monkeypatch):
+  """Each process would measure on its own and could compile another program."""
+  from sfljax.config import Config, ConfigError
+  from sfljax.train import Experiment
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ConfigError, match="several processes"):
+    Experiment(Config(conv_lowering="autotune", rounds=1))
