@@ -179,6 +179,8 @@ def _crop(dxp, pads, h, w):
 
 
 _TAPS_ELEMENTWISE_CIN = 4
+_TAPS_PLANAR_COUT = 16   # 'taps' forward with few channels: per output channel over planes
+_STACKED_COLS_CIN = 8   # 'patches' kernel gradient: taps stacked on a leading axis below this
 
 
 def _fwd(method, x, w, s, pads):
@@ -197,6 +199,8 @@ def _fwd(method, x, w, s, pads):
                                       out_dtype), cs, x)
   if method == "taps":
     xp = _pad_x(x, pads)
+    if cin <= _TAPS_ELEMENTWISE_CIN and cout <= _TAPS_PLANAR_COUT:
+      return _fwd_taps_planar(xp, w, s, ho, wo).astype(out_dtype)
     acc = None
     for i in range(kh):
       for j in range(kw):
@@ -211,6 +215,31 @@ def _fwd(method, x, w, s, pads):
         acc = term if acc is None else acc + term
     return acc.astype(out_dtype)
   raise ValueError(f"unknown forward method {method!r}")
+
+
+def _fwd_taps_planar(xp, w, s, ho, wo):
+  """'taps' forward for few input and output channels, one output channel at a
+  time over [N, H, W] planes (W innermost), stacked on the last axis at the
+  end: the same products summed in the same order (i, j, input channel) as
+  the channels-last broadcast, so bit for bit the same values. LeNet's conv1
+  (1 -> 6 channels, 5x5) with its ReLU and pool, in a scanned step on the
+  2-core Xeon: 62 -> 31 ms at batch 1024, 2.9 -> 1.6 ms at batch 32."""
+  kh, kw, cin, cout = w.shape
+  n = xp.shape[0]
+  planes = [xp[..., c].astype(jnp.float32) for c in range(cin)]
+  wf = w.astype(jnp.float32)
+  chans = []
+  for o in range(cout):
+    acc = None
+    for i in range(kh):
+      for j in range(kw):
+        for c in range(cin):
+          t = lax.slice(planes[c], (0, i, j), (n, i + s[0] * (ho - 1) + 1, j + s[1] * (wo - 1) + 1),
+                        (1, s[0], s[1]))
+          term = t * wf[i, j, c, o]
+          acc = term if acc is None else acc + term
+    chans.append(acc)
+  return jnp.stack(chans, axis=-1)
 
 
 def _input_grad(method, g, x_shape, x_dtype, w, s, pads):
@@ -256,9 +285,21 @@ def _kernel_grad(method, g, x, w_shape, w_dtype, s, pads):
     _, vjp = jax.vjp(lambda w_: _fwd("xla", x, w_, s, pads), jnp.zeros(w_shape, w_dtype))
     return vjp(g)[0]
   if method == "patches":
-    dw = _sum_batch(lambda xc, gc: _dot(_im2col(xc, kh, kw, s, pads, ho, wo), gc, (0, 1, 2),
-                                        (0, 1, 2), jnp.float32),
-                    _chunk_size(x.shape[0], ho * wo * kh * kw * cin * 4), x, g)
+    if cin < _STACKED_COLS_CIN:
+      # Few input channels: the taps stacked on a leading axis, [kh*kw, N, ho, wo, C]
+      # (contiguous copies), instead of interleaved on the last one; the same
+      # products and sums. Kernel gradient of LeNet's conv1 (1 channel) in a
+      # scanned step, 2-core Xeon: 31 -> 21 ms at batch 1024, 0.83 -> 0.48 ms at
+      # batch 32; conv2 (6 channels) at batch 32 1.05 -> 0.48 ms; ResNet18's
+      # stem (3 channels, batch 256) 92 -> 84 ms; with 64 channels it was slower.
+      def part(xc, gc):
+        xp = _pad_x(xc, pads)
+        cols = jnp.stack([_tap(xp, i, j, s, ho, wo) for i in range(kh) for j in range(kw)])
+        return _dot(cols, gc, (1, 2, 3), (0, 1, 2), jnp.float32)   # (kh*kw, C, O)
+    else:
+      def part(xc, gc):
+        return _dot(_im2col(xc, kh, kw, s, pads, ho, wo), gc, (0, 1, 2), (0, 1, 2), jnp.float32)
+    dw = _sum_batch(part, _chunk_size(x.shape[0], ho * wo * kh * kw * cin * 4), x, g)
     return dw.reshape(w_shape).astype(w_dtype)
   if method == "taps":
     xp = _pad_x(x, pads)

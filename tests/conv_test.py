@@ -125,14 +125,18 @@ def test_mixed_lowerings(shape):
       _check(got, want)
 
 
+@pytest.mark.parametrize("shape", [SHAPES[4], SHAPES[9]], ids=[SHAPES[i][0] for i in (4, 9)])
 @pytest.mark.parametrize("lowering", ["patches", ("patches", "patches", "patches")])
-def test_patches_batch_chunks_with_remainder(monkeypatch, lowering):
-  # Tiny chunks: 5 samples -> chunks of 2 plus a remainder of 1.
-  _, b, h, wd, cin, cout, k, s, pad = SHAPES[4]
+def test_patches_batch_chunks_with_remainder(monkeypatch, lowering, shape):
+  # Tiny chunks: 5 samples -> chunks of 2 plus a remainder of 1; 16 input
+  # channels (im2col on the last axis) and 3 (the kernel gradient's taps
+  # stacked on a leading axis).
+  _, b, h, wd, cin, cout, k, s, pad = shape
   b = 5
   x, w = _data(b, h, wd, cin, cout, k)
-  monkeypatch.setattr(conv, "CHUNK_BYTES", 2 * 4 * 4 * 9 * cin * 4)
-  g = np.random.RandomState(2).standard_normal((b, 4, 4, cout)).astype(np.float32)
+  _, ho, wo, _ = _ref(x, w, None, s, pad)[0].shape
+  monkeypatch.setattr(conv, "CHUNK_BYTES", 2 * ho * wo * k * k * cin * 4)
+  g = np.random.RandomState(2).standard_normal((b, ho, wo, cout)).astype(np.float32)
   y_ref, dx_ref, dw_ref = _ref(x, w, g, s, pad)
   y, dx, dw = _vjp_fn(s, pad, lowering)(x, w, g)
   _check(y, y_ref)
