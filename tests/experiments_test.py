@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 
 import cost_model  # noqa: E402
+import profile_step  # noqa: E402
 import table5  # noqa: E402
 
 F32 = 4
@@ -100,3 +101,35 @@ def test_table5_report_best_and_final(tmp_path):
   text = (tmp_path / "results.md").read_text()
   assert "| fl | 3 | 90.00 (2) | 80.00 | 89.00 | 91.9 | -1.90 | 2.00 |" in text
   assert "| sl | 3 | 95.00 (3) | 95.00 | 94.00 | 90.4 | +4.60 | 2.00 |" in text
+
+
+def test_profile_step_attributes_operations_to_layers_and_phases(tmp_path):
+  # The parsers on hand-written HLO lines and op_names.
+  hlo = ("  %fusion.3 = f32[8,28,28,6]{3,2,1,0} fusion(%p0, %p1), kind=kLoop, calls=%f, "
+         'metadata={op_name="jit(step)/jvp(Sequential)/conv1/conv/add"}\n'
+         "  ROOT %dot.1 = f32[8,10]{1,0} dot(%a, %b), lhs_contracting_dims={1}, "
+         'metadata={op_name="jit(step)/transpose(jvp(Sequential))/fc3/dense/dot_general"}\n'
+         "  %ynn_fusion = f32[1,5,5,6]{3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%g, "
+         'backend_config={"fusion_config":{"kind":"__ynn_fusion"}}\n')
+  assert profile_step.hlo_index(hlo) == {
+      "fusion.3": ("fusion:kLoop", "jit(step)/jvp(Sequential)/conv1/conv/add"),
+      "dot.1": ("dot", "jit(step)/transpose(jvp(Sequential))/fc3/dense/dot_general"),
+      "ynn_fusion": ("fusion:kCustom(ynn/xnn)", "")}
+  assert profile_step.classify("jit(step)/jvp(Sequential)/conv2/conv/slice") == ("forward", "conv2")
+  assert profile_step.classify("jit(step)/transpose(jvp(Sequential))/conv1/select_n") == (
+      "backward", "conv1")
+  assert profile_step.classify("jit(step)/add") == ("optimizer", "adam")
+  assert profile_step.classify("") == ("other", "?")
+  # A real (tiny) run: LeNet's layers show up in both phases, the report is written.
+  out = tmp_path / "prof"
+  assert profile_step.main(["--model", "lenet", "--batch", "8", "--steps", "1",
+                            "--trace-steps", "1", "--out", str(out)]) == 0
+  rep = json.loads((out / "profile.json").read_text())
+  seen = {(r["layer"], r["phase"]) for r in rep["by_layer_phase"]}
+  assert {("conv1", "forward"), ("conv1", "backward"), ("conv2", "backward"),
+          ("fc1", "forward")} <= seen, seen
+  assert rep["traced_ms_per_step"] > 0 and rep["step_ms_median"] > 0
+  assert (out / "profile.md").read_text().startswith("# lenet train step, batch 8")
+  with pytest.raises(SystemExit) as e:   # never writes into a used folder
+    profile_step.main(["--model", "lenet", "--batch", "8", "--out", str(out)])
+  assert e.value.code == 2
