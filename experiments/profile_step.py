@@ -34,7 +34,8 @@ import optax
 
 from sfljax import models
 
-SHAPES = {"lenet": ((28, 28, 1), 10), "resnet18": ((64, 64, 3), 7)}
+SHAPES = {"lenet": ((28, 28, 1), 10), "alexnet": ((28, 28, 1), 10), "resnet18": ((64, 64, 3), 7)}
+TORCH_MODELS = ("lenet", "resnet18")   # the models experiments/torch_baseline.py builds
 
 
 def build_step(model_name: str, batch: int, lowering: str = "auto"):
@@ -182,6 +183,9 @@ def main(argv=None) -> int:
   a = ap.parse_args(argv)
   if a.batch < 1 or a.steps < 1 or a.trace_steps < 1:
     ap.error("--batch, --steps and --trace-steps must be positive")
+  if a.torch and a.model not in TORCH_MODELS:
+    ap.error(f"--torch: the PyTorch baseline builds {' and '.join(TORCH_MODELS)} only, "
+             f"not {a.model}: drop --torch")
   out = pathlib.Path(a.out)
   if out.exists() and any(out.iterdir()):
     ap.error(f"--out {out} is not empty: give a new folder")

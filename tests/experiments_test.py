@@ -133,3 +133,6 @@ def test_profile_step_attributes_operations_to_layers_and_phases(tmp_path):
   with pytest.raises(SystemExit) as e:   # never writes into a used folder
     profile_step.main(["--model", "lenet", "--batch", "8", "--out", str(out)])
   assert e.value.code == 2
+  with pytest.raises(SystemExit) as e:   # no PyTorch AlexNet to compare with
+    profile_step.main(["--model", "alexnet", "--torch", "--out", str(tmp_path / "new")])
+  assert e.value.code == 2 and not (tmp_path / "new").exists()
