@@ -319,6 +319,17 @@ def _stored(reset: bool, opt_state, batch_dims: int = 0):
   return optimizers.compact(opt_state, batch_dims) if reset else opt_state
 
 
+def settle(carry):
+  """``carry`` with the last event's deferred rows (``carry.pending``) written
+  back into its per-client arrays: a round's working state as the steps left
+  it, for reading outside :meth:`SplitFed.end` (which settles first)."""
+  if getattr(carry, "pending", None) is None:
+    return carry
+  rows, values = carry.pending
+  return carry.replace(pending=None, **{
+      f: fedavg.update_index(getattr(carry, f), rows, v) for f, v in values.items()})
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitFed:
   """A split algorithm: a composition of sides run over a split model.
@@ -371,6 +382,18 @@ class SplitFed:
     c = self.composition
     return frozenset({"client_opt"} | ({"client"} if c.aggregation.per_client else set())
                      | ({"server_opt"} if c.server.per_client else set()))
+
+  @property
+  def _row_fields(self) -> tuple[str, ...]:
+    """The carry's [M, ...] fields an event reads and writes by participant row."""
+    c = self.composition
+    return (("client_opt",) + (() if c.aggregation.handoff else ("client",))
+            + (("server", "server_opt") if c.server.per_client else ()))
+
+  def _defer(self, carry: SplitCarry, rows) -> SplitCarry:
+    """``carry`` with ``rows``' current values pending (writing them back is a no-op)."""
+    return carry.replace(pending=(rows, {f: fedavg.index(getattr(carry, f), rows)
+                                         for f in self._row_fields}))
 
   @property
   def _needs_rng(self) -> bool:
@@ -435,11 +458,15 @@ class SplitFed:
       start = SplitState(view.client, view.server if replicas else None, view.client_opt,
                          view.server_opt if replicas else None, per_client=view.per_client)
       handed = client if c.aggregation.handoff else None
-    return SplitCarry(client=client,
-                      server=c.server.begin(view.server, m), client_opt=copt,
-                      server_opt=view.server_opt, stats=_zeros_stats(m, self.skip_nonfinite),
-                      stored=None if inp.clients is None else state, start=start, handed=handed,
-                      per_client=per_client)
+    carry = SplitCarry(client=client,
+                       server=c.server.begin(view.server, m), client_opt=copt,
+                       server_opt=view.server_opt, stats=_zeros_stats(m, self.skip_nonfinite),
+                       stored=None if inp.clients is None else state, start=start,
+                       handed=handed, per_client=per_client)
+    group = c.schedule.group_size(m)
+    if group < m:   # Events take a few rows: their write-back is deferred (SplitCarry.pending).
+      carry = self._defer(carry, jnp.arange(group, dtype=jnp.int32))
+    return carry
 
   def server_update(self, sv, so, sv_fwd, grads, active):
     """The server's optimizer step after one client batch (skipped for padding;
@@ -483,15 +510,23 @@ class SplitFed:
     rows = jnp.arange(group, dtype=jnp.int32) if rows is None else rows
     if not c.server.per_client:   # A shared server takes the clients in ``order``.
       rows = rows[order]
-    return client_blocks(
-        lambda cr, r: self._group_step(cr, inp, t, r, s,
-                                       jnp.arange(r.shape[0], dtype=order.dtype)),
-        carry, rows, block)
+    group_step = lambda cr, r: self._group_step(  # noqa: E731
+        cr, inp, t, r, s, jnp.arange(r.shape[0], dtype=order.dtype))
+    pending = carry.pending is not None
+    carry = settle(carry)
+    full = group // block * block   # Full blocks defer their write-back (SplitCarry.pending).
+    carry = settle(client_blocks(group_step, self._defer(carry, rows[:block]), rows[:full],
+                                 block))
+    if full < group:
+      carry = group_step(carry, rows[full:])
+    return self._defer(carry, rows) if pending else carry
 
   def _group_step(self, carry: SplitCarry, inp: RoundInputs, t, rows, s, order) -> SplitCarry:
     """One step of the group ``rows`` ([G] participant rows, None: all of them,
     in row order), their step ``s``, the shared server's ``order`` over the group."""
     c = self.composition
+    deferred = rows is not None and carry.pending is not None
+    carry = settle(carry)   # The last event's rows, written back just before this one reads.
     x, y, m, ids = _batch(inp, s, self.executor, self.augment, rows)
     keys = _keys(inp, ids, s, self._needs_rng, self.privacy is not None)
     take = (lambda tree: tree) if rows is None else (lambda tree: fedavg.index(tree, rows))
@@ -526,10 +561,20 @@ class SplitFed:
       stats = stats.dropped(ok, active)
     else:
       cvars, copt = self.executor.map(client_one, cvars, cvars_fwd, copt, grads, active)
-    client = fedavg.index(cvars, 0) if handoff else put(carry.client, cvars)
-    server, server_opt = svars, sopt
+    new_rows = {"client_opt": copt}
+    if not handoff:
+      new_rows["client"] = cvars
     if c.server.per_client:
-      server, server_opt = put(carry.server, svars), put(carry.server_opt, sopt)
+      new_rows.update(server=svars, server_opt=sopt)
+    if deferred:
+      fields, pending = {}, (rows, new_rows)
+    else:
+      fields, pending = {f: put(getattr(carry, f), v) for f, v in new_rows.items()}, None
+    if handoff:
+      fields["client"] = fedavg.index(cvars, 0)
+    if not c.server.per_client:
+      fields.update(server=svars, server_opt=sopt)
+    client = fields.pop("client", carry.client)
     new_stats = put(carry.stats, take(carry.stats) + stats)
     handed = carry.handed
     if handoff and carry.start is not None:
@@ -539,12 +584,13 @@ class SplitFed:
       handed = fedavg.select(first, carry.client, carry.handed)
       ok = _reporters(self, inp, new_stats)[rows[0]]
       client = fedavg.select(last & ~ok, handed, client)
-    return carry.replace(client=client, client_opt=put(carry.client_opt, copt), server=server,
-                         server_opt=server_opt, stats=new_stats, handed=handed)
+    return carry.replace(client=client, stats=new_stats, handed=handed, pending=pending,
+                         **fields)
 
   def end(self, carry: SplitCarry, inp: RoundInputs) -> tuple[SplitState, BatchStats]:
     """Aggregation: returns ``(new_state, per-participant BatchStats [M])``."""
     c = self.composition
+    carry = settle(carry)
     stats = carry.stats.with_nonfinite()
     carry = carry.replace(client_opt=_stored(self.policy.client_reset_each_round,
                                              carry.client_opt, 1))

@@ -104,6 +104,12 @@ class SplitCarry:
   participants' rows and nobody-reported aggregates fall back to; else None.
   ``handed``: only then and for a relayed client model, the model the
   current client was handed at the start of its turn; else None.
+  ``pending``: for schedules whose events take a few participants' rows,
+  ``(rows, {field: rows' new values})`` of the last event, written into
+  ``client``, ``client_opt``, ``server``, ``server_opt`` at the start of the
+  next event (or at the round's end) instead of at once; else None. Written
+  back just before the next read, the rows are updated in place, where a
+  write right after the read costs XLA copies of the whole [K, ...] arrays.
   """
   client: Any
   server: Any
@@ -113,6 +119,7 @@ class SplitCarry:
   stored: Any = None
   start: Any = None
   handed: Any = None
+  pending: Any = None
   per_client: frozenset = struct.field(pytree_node=False, default=frozenset())
 
 

@@ -799,7 +799,8 @@ class Experiment:
     if self._local is None:  # Compiled on the first call only (the round's shapes never change).
       def working(s, inp):
         carry = alg.begin(s, inp)
-        return jax.lax.fori_loop(0, alg.num_steps(inp), lambda t, c: alg.step(c, inp, t), carry)
+        return algorithms.settle(
+            jax.lax.fori_loop(0, alg.num_steps(inp), lambda t, c: alg.step(c, inp, t), carry))
       self._local = jax.jit(working)
     carry = self._local(state.algo, inputs)
     ids = self.participants(state.round)
