@@ -510,15 +510,11 @@ class SplitFed:
     rows = jnp.arange(group, dtype=jnp.int32) if rows is None else rows
     if not c.server.per_client:   # A shared server takes the clients in ``order``.
       rows = rows[order]
-    group_step = lambda cr, r: self._group_step(  # noqa: E731
-        cr, inp, t, r, s, jnp.arange(r.shape[0], dtype=order.dtype))
-    pending = carry.pending is not None
-    carry = settle(carry)
-    full = group // block * block   # Full blocks defer their write-back (SplitCarry.pending).
-    carry = settle(client_blocks(group_step, self._defer(carry, rows[:block]), rows[:full],
-                                 block))
-    if full < group:
-      carry = group_step(carry, rows[full:])
+    pending = carry.pending is not None   # Blocks write back at once (no copies there).
+    carry = client_blocks(
+        lambda cr, r: self._group_step(cr, inp, t, r, s,
+                                       jnp.arange(r.shape[0], dtype=order.dtype)),
+        settle(carry), rows, block)
     return self._defer(carry, rows) if pending else carry
 
   def _group_step(self, carry: SplitCarry, inp: RoundInputs, t, rows, s, order) -> SplitCarry:

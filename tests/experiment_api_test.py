@@ -79,9 +79,11 @@ def test_sflv3_client_models_and_their_test_accuracy():
   assert _exp("sflv1").client_models(exp.init()) is None
 
 
-def test_local_models_are_the_pre_aggregation_models():
-  """FedAvg (weights 16 each) of the local client parts = the next state's client part."""
-  exp = _exp("sflv1")
+@pytest.mark.parametrize("algorithm,kw", [("sflv1", {}), ("sflv2", {"sflv2_order": "client"})])
+def test_local_models_are_the_pre_aggregation_models(algorithm, kw):
+  """FedAvg (weights 16 each) of the local client parts = the next state's client part
+  (SFLV2 in client order: the last client's row is written back after its last event)."""
+  exp = _exp(algorithm, **kw)
   state = exp.init()
   local = exp.local_models(state)
   new, _ = exp.train_round(state)
