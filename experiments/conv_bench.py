@@ -35,6 +35,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sfljax import conv, models  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profile_step  # noqa: E402
+
 # (name, batch, H=W, C_in, C_out, k, stride, padding, needs input gradient)
 RESNET_LAYERS = [
     ("r18_stem_64x64_3-64_k7s2", 256, 64, 3, 64, 7, 2, ((3, 3), (3, 3)), False),
@@ -207,14 +210,7 @@ def bench_resnet(batch, repeats) -> dict:
 
   def make_step(lowering):
     with _with_lowering(lowering):
-      def step(params, stats, opt_state, x, y):
-        def loss_fn(p):
-          logits, new_stats = models.apply_part(module, {"params": p, "batch_stats": stats}, x,
-                                                train=True)
-          return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_stats
-        (l, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, l
+      step = profile_step.whole_model_step(module, opt)
       args = (variables["params"], variables["batch_stats"], opt.init(variables["params"]), x, y)
       compiled = jax.jit(step).lower(*args).compile()  # traced with the patched lowering
     return compiled, args

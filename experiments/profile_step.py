@@ -38,6 +38,20 @@ SHAPES = {"lenet": ((28, 28, 1), 10), "alexnet": ((28, 28, 1), 10), "resnet18": 
 TORCH_MODELS = ("lenet", "resnet18")   # the models experiments/torch_baseline.py builds
 
 
+def whole_model_step(module, opt):
+  """``step(params, batch_stats, opt_state, x, y) -> (params, batch_stats, opt_state, loss)``:
+  one whole-model train step (forward, backward, ``opt``), mean cross-entropy."""
+  def step(params, stats, opt_state, x, y):
+    def loss_fn(p):
+      logits, new_stats = models.apply_part(module, {"params": p, "batch_stats": stats}, x,
+                                            train=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_stats
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_stats, opt_state, loss
+  return step
+
+
 def build_step(model_name: str, batch: int, lowering: str = "auto"):
   shape, classes = SHAPES[model_name]
   model = models.get_model(model_name, input_shape=shape, num_classes=classes,
@@ -50,15 +64,7 @@ def build_step(model_name: str, batch: int, lowering: str = "auto"):
   y = jnp.asarray(rs.randint(0, classes, batch))
   stats = variables.get("batch_stats", {})
 
-  def step(params, stats, opt_state, x, y):
-    def loss_fn(p):
-      logits, new_stats = models.apply_part(module, {"params": p, "batch_stats": stats}, x,
-                                            train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_stats
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
+  step = whole_model_step(module, opt)
   args = (variables["params"], stats, opt.init(variables["params"]), x, y)
   compiled = jax.jit(step).lower(*args).compile()
   return compiled, args
