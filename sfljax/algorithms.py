@@ -30,6 +30,12 @@ cuts (``cut=(c1, c2)``) make any of them U-shaped (labels on the client).
 :class:`FedAvg` (FL) trains whole models locally; centralized training is
 FedAvg with one client that holds the pooled data.
 
+A client-major event writes its participant's rows of the per-client state
+back at the start of the next event (``SplitCarry.pending``; XLA then
+updates them in place): code that reads a round's working state after
+``step`` without ``end`` (e.g. ``Experiment.local_models``) calls
+:func:`settle` on it first.
+
 Optimizer states (:class:`OptimizerPolicy`):
 
 * ``persistent`` (default): every client keeps one optimizer state for its
