@@ -434,7 +434,14 @@ class Experiment:
     if not hasattr(self, "executor"):   # A ready Algorithm object: its own executor.
       self.executor = getattr(self.algorithm, "executor", execution.resolve("auto"))
     self.strata = self._sampling_strata()   # Checked before any data moves.
-    self._x, self._y = self._place_clients(cd.x), self._place_clients(cd.y)
+    if self.mesh is None:
+      # On CPU the device arrays use the (aligned) host buffers: no second copy
+      # of the clients' data. The host arrays become read-only, as the device's are.
+      self._x, self._y = jax.device_put(cd.x), jax.device_put(cd.y)
+      for a in (cd.x, cd.y):
+        a.flags.writeable = False
+    else:
+      self._x, self._y = self._place_clients(cd.x), self._place_clients(cd.y)
     self._weights = self._place_clients(cd.counts.astype(np.float32))
     self.trace_count = 0  # Tracings of the round's programs (tests: no recompilation).
     self.num_participants = data.num_participants(cd.num_clients, cfg.client_fraction)

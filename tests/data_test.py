@@ -70,6 +70,27 @@ def test_client_data_padding_and_batch_schedule():
   assert not np.array_equal(other[0], idx)
 
 
+@pytest.mark.parametrize("shape,dtype", [((3, 5, 7), np.float32), ((0, 4), np.int32),
+                                         ((11,), np.uint8), ((2, 3), np.float64)])
+def test_aligned_zeros_are_zeros_on_a_64_byte_boundary(shape, dtype):
+  for _ in range(5):   # Different allocations land at different offsets.
+    a = data.aligned_zeros(shape, dtype)
+    assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+    assert a.size == 0 or a.ctypes.data % 64 == 0   # An empty array has no buffer.
+    np.testing.assert_array_equal(a, np.zeros(shape, dtype))
+
+
+def test_client_data_arrays_are_aligned_for_zero_copy_placement():
+  x = np.random.RandomState(0).standard_normal((30, 3, 3, 1)).astype(np.float32)
+  y = np.arange(30, dtype=np.int32)
+  for _ in range(8):   # Different allocations land at different offsets.
+    cd = data.ClientData.from_partition(x, y, [np.arange(0, 13), np.arange(13, 30)])
+    assert cd.x.ctypes.data % 64 == 0 and cd.y.ctypes.data % 64 == 0
+  np.testing.assert_array_equal(cd.x[0, :13], x[:13])
+  np.testing.assert_array_equal(cd.x[1, :17], x[13:])
+  np.testing.assert_array_equal(cd.x[0, 13:], 0)
+
+
 # ---------------------------------------------------------------------------
 # check_dataset / check_parts: data that cannot train is refused
 # ---------------------------------------------------------------------------

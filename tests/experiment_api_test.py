@@ -25,6 +25,20 @@ def _counts(opt_state):
   return {int(np.asarray(v).ravel()[0]) for p, v in flat if "count" in jax.tree_util.keystr(p)}
 
 
+def test_clients_data_is_placed_without_a_copy_on_cpu():
+  """The device arrays of the clients' data use the host arrays' buffers (one
+  copy in memory, not two), which are read-only from then on."""
+  exp = _exp()
+  cd = exp.client_data
+  assert not cd.x.flags.writeable and not cd.y.flags.writeable
+  np.testing.assert_array_equal(np.asarray(exp._x), cd.x)
+  if jax.default_backend() == "cpu":
+    assert exp._x.unsafe_buffer_pointer() == cd.x.ctypes.data
+    assert exp._y.unsafe_buffer_pointer() == cd.y.ctypes.data
+  with pytest.raises(ValueError, match="read-only"):
+    cd.x[0, 0] = 1.0
+
+
 @pytest.mark.parametrize("algorithm,server_updates", [("sflv1", 2), ("sflv2", 6), ("sl", 6)])
 def test_schedules_count_updates_per_side(algorithm, server_updates):
   """3 clients x 16 samples, batch 8: each client takes 2 steps per round; a
