@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfljax import (algorithms, conv_autotune, data, distributed, execution, faults, models,
-                    optimizers, sides, split)
+from sfljax import (algorithms, conv_autotune, data, distributed, execution, faults, hostmem,
+                    models, optimizers, sides, split)
 from sfljax.config import Config, ConfigError
 
 METRICS: dict[str, str] = {
@@ -712,6 +712,7 @@ class Experiment:
     if self._own_test is not None:
       self._eval_own.lower(self.algorithm.client_variables(state.algo),
                            *self._own_test).compile()
+    hostmem.release()   # The compiler's freed working memory, before the round's buffers.
     self.compile_seconds = time.perf_counter() - t0
     return self.compile_seconds
 
