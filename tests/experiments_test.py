@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 
+import block_speed  # noqa: E402
 import cost_model  # noqa: E402
 import profile_step  # noqa: E402
 import table5  # noqa: E402
@@ -136,3 +137,15 @@ def test_profile_step_attributes_operations_to_layers_and_phases(tmp_path):
   with pytest.raises(SystemExit) as e:   # no PyTorch AlexNet to compare with
     profile_step.main(["--model", "alexnet", "--torch", "--out", str(tmp_path / "new")])
   assert e.value.code == 2 and not (tmp_path / "new").exists()
+
+
+def test_block_speed_compares_block_sizes_on_equal_states(tmp_path):
+  """Small: 6 digits clients of 64 samples; blocks of 4 (one full, one of 2)
+  must end in the unblocked state bit for bit."""
+  out = tmp_path / "rows.json"
+  assert block_speed.main(["small_100", "sflv1", "--blocks", "-", "4", "--rounds", "2",
+                           "--clients", "6", "--out", str(out)]) == 0
+  rows = json.loads(out.read_text())
+  assert [r["client_block"] for r in rows] == [None, 4]
+  assert all(r["state_equal_to_first"] for r in rows)
+  assert rows[0]["ratio_to_first"] == 1.0 and len(rows[1]["round_seconds"]) == 2
