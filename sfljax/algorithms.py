@@ -32,7 +32,8 @@ FedAvg with one client that holds the pooled data.
 
 A client-major event writes its participant's rows of the per-client state
 back at the start of the next event (``SplitCarry.pending``; XLA then
-updates them in place): code that reads a round's working state after
+updates them in place), and a client block (below) at the start of the next
+block: code that reads a round's working state after
 ``step`` without ``end`` (e.g. ``Experiment.local_models``) calls
 :func:`settle` on it first.
 
@@ -516,11 +517,15 @@ class SplitFed:
     rows = jnp.arange(group, dtype=jnp.int32) if rows is None else rows
     if not c.server.per_client:   # A shared server takes the clients in ``order``.
       rows = rows[order]
-    pending = carry.pending is not None   # Blocks write back at once (no copies there).
+    pending = carry.pending is not None
+    # Each block writes the previous block's rows back just before it reads its
+    # own (SplitCarry.pending), so XLA updates the [M, ...] arrays in place;
+    # written back at once, a block of one client copied them whole.
     carry = client_blocks(
         lambda cr, r: self._group_step(cr, inp, t, r, s,
                                        jnp.arange(r.shape[0], dtype=order.dtype)),
-        settle(carry), rows, block)
+        self._defer(settle(carry), rows[:block]), rows, block)
+    carry = settle(carry)
     return self._defer(carry, rows) if pending else carry
 
   def _group_step(self, carry: SplitCarry, inp: RoundInputs, t, rows, s, order) -> SplitCarry:

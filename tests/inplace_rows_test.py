@@ -44,3 +44,13 @@ def _loop_copies(**kw):
                                 {"algorithm": "sl", "cut": "conv1,fc2"}])
 def test_client_major_round_copies_no_per_client_array(kw):
   assert _loop_copies(**kw) == []
+
+
+@pytest.mark.parametrize("kw", [{"algorithm": "sflv1", "client_block": 1},
+                                {"algorithm": "sflv1", "client_block": 5},
+                                {"algorithm": "sflv2", "client_block": 1}])
+def test_client_blocks_copy_no_per_client_array(kw):
+  """A synchronous step run block by block reads each block's rows and writes
+  them back; written back at once, blocks of one client copied the [K, ...]
+  arrays whole (SFLV1 at 1000 clients: 145 s per round against 6 s)."""
+  assert _loop_copies(strategy="sequential", **kw) == []
