@@ -177,7 +177,8 @@ def _baseline(exp, algorithm, variables):
                        cut=exp.cut if exp.cut is not None else 2)
   assert run.optimizer == "adam"
   run._opt = lambda params: torch.optim.Adam(params, lr=LR, eps=ADAM_EPS)   # see ADAM_EPS
-  run.data = [(torch.from_numpy(np.ascontiguousarray(cd.x[k, :n].transpose(0, 3, 1, 2))),
+  # A copy: the Experiment's host arrays are read-only (their buffers are the device's).
+  run.data = [(torch.from_numpy(np.array(cd.x[k, :n].transpose(0, 3, 1, 2), order="C")),
                torch.from_numpy(cd.y[k, :n].astype(np.int64))) for k, n in enumerate(counts)]
   smashed = run.client_model(torch.zeros((1, c, h, w))).shape[1:]   # (C, H, W)
   smashed_hwc = (smashed[1], smashed[2], smashed[0])
