@@ -74,7 +74,8 @@ def main(argv=None) -> int:
                  help="client block sizes ('-': none); ratios are to the first")
   p.add_argument("--rounds", type=int, default=6, help="timed rounds per block size")
   p.add_argument("--fashion-mnist", metavar="DIR", default=None,
-                 help="the real Fashion-MNIST IDX directory for the workloads that use it")
+                 help="the real Fashion-MNIST IDX directory for the workloads that use it "
+                      "(without it LeNet trains on the digits images tiled, as in benchmark.py)")
   p.add_argument("--clients", type=int, default=None, help="override the workload's clients")
   p.add_argument("--samples-per-client", type=int, default=None)
   p.add_argument("--out", default=None, help="also write the rows as JSON here")
