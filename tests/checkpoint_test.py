@@ -108,3 +108,70 @@ def test_the_package_reaches_checkpoints_and_every_submodule():
   assert set(sfljax.__all__) <= set(dir(sfljax))
   with pytest.raises(AttributeError):
     sfljax.no_such_name
+
+
+def _status_kib(field):
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak_rss():
+  """Resets the process's peak resident set (VmHWM); False where Linux refuses."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def test_saving_holds_no_second_copy_of_the_state(tmp_path):
+  """The arrays are written uncompressed: compressing buffers the whole
+  compressed state in memory (about its size again: random float32 barely
+  compresses). 128 MB of state may add at most a quarter of that to the peak
+  resident set, and the files hold every byte."""
+  if not os.path.exists("/proc/self/clear_refs"):
+    pytest.skip("needs Linux's /proc to read the peak resident set")
+  rng = np.random.default_rng(0)
+  state = {"a": jax.device_put(rng.standard_normal((32, 2**20), np.float32)),
+           "b": jax.device_put(rng.standard_normal((2**20,), np.float32))}
+  nbytes = sum(a.nbytes for a in state.values())
+  jax.block_until_ready(state)
+  ckpt = checkpoint.Checkpoints(str(tmp_path / "ckpt"))
+  ckpt.save(0, {"a": state["b"][:4]})   # orbax's imports and threads, before measuring
+  if not _reset_peak_rss():
+    pytest.skip("the peak resident set cannot be reset here")
+  before = _status_kib("VmRSS")
+  ckpt.save(1, state)
+  extra = (_status_kib("VmHWM") - before) * 1024
+  assert extra < nbytes / 4, f"saving {nbytes / 2**20:.0f} MiB took {extra / 2**20:.0f} MiB more"
+  on_disk = sum(os.path.getsize(os.path.join(d, f))
+                for d, _, fs in os.walk(tmp_path / "ckpt" / "1") for f in fs)
+  assert on_disk >= nbytes
+  restored, _ = ckpt.restore(like=state)
+  for k in state:
+    np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k]))
+
+
+def test_compressed_checkpoints_of_earlier_versions_restore(tmp_path):
+  """Checkpoints written by orbax's default (compressed) handler, as earlier
+  versions wrote them, restore bit for bit."""
+  import orbax.checkpoint as ocp
+  rng = np.random.default_rng(1)
+  state = {"w": jax.device_put(rng.standard_normal((64, 33), np.float32)),
+           "n": jax.device_put(np.arange(5, dtype=np.int32))}
+  directory = tmp_path / "ckpt"
+  mgr = ocp.CheckpointManager(str(directory), options=ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=False))
+  mgr.save(3, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"format": checkpoint.FORMAT,
+                                                                  "round": 3}),
+      **{"global": ocp.args.StandardSave({"g": state["w"]})}), force=True)
+  mgr.wait_until_finished()
+  mgr.close()
+  ckpt = checkpoint.Checkpoints(str(directory))
+  restored, meta = ckpt.restore(like=state)
+  assert meta["round"] == 3
+  np.testing.assert_array_equal(ckpt.restore_global()["g"], np.asarray(state["w"]))
+  for k in state:
+    np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k]))
