@@ -171,7 +171,9 @@ OPTIMIZER_POLICIES = {"persistent": PERSISTENT, "reference": REFERENCE}
 class RoundInputs(NamedTuple):
   """Everything one round consumes; all arrays live on the device.
 
-  x: [K, N_max, H, W, C] and y: [K, N_max], the padded client data.
+  x: [K, N_max, H, W, C] and y: [K, N_max], the padded client data; or, with
+  ``rows`` given, x: [N, H, W, C] and y: [N] the samples and rows: [K, N_max]
+  int32, client k's r-th sample's index into them (:class:`sfljax.data.ClientData`).
   idx, mask: [M, T, B], each participant's batches for the round (see
   :func:`sfljax.data.batch_schedule`). weights: [M] float, the n_k.
   step_orders: [T, M], the shared server's client order at each synchronous
@@ -215,6 +217,7 @@ class RoundInputs(NamedTuple):
   clients: jax.Array | None = None
   reported: jax.Array | None = None
   active: jax.Array | None = None
+  rows: jax.Array | None = None
 
 
 @runtime_checkable
@@ -254,7 +257,10 @@ def _batch(inp: RoundInputs, t, executor: ClientExecutor, augment=None, rows=Non
   idx, mask = inp.idx[:, t], inp.mask[:, t]
   if rows is not None:
     ids, idx, mask = ids[rows], idx[rows], mask[rows]
-  if inp.clients is None and rows is None:
+  if inp.rows is not None:   # One device: the samples, read through the clients' rows.
+    r = jax.vmap(lambda c, i: inp.rows[c][i])(ids, idx)
+    x, y = inp.x[r], inp.y[r]
+  elif inp.clients is None and rows is None:
     x, y = executor.vmap(lambda xs, ys, i: (xs[i], ys[i]), inp.x, inp.y, idx)
   elif rows is None:   # The participants' batches, each read where its client's data lives.
     x, y = executor.on_rows(

@@ -19,6 +19,7 @@ partitions that cannot train (labels out of range, clients sharing samples,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Sequence
 
@@ -236,7 +237,15 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
   Problems raise :class:`sfljax.loaders.DatasetError` with a one-line message;
   a ``data_dir`` given for an embedded dataset (:data:`EMBEDDED_DATASETS`) is
   refused rather than ignored.
+
+  The images come 64-byte aligned (:func:`aligned`), so that on CPU the
+  device reads them where they are (:class:`ClientData`).
   """
+  ds = _load(name, seed=seed, data_dir=data_dir, image_size=image_size)
+  return dataclasses.replace(ds, x_train=aligned(ds.x_train), x_test=aligned(ds.x_test))
+
+
+def _load(name, *, seed, data_dir, image_size) -> Dataset:
   if name in EMBEDDED_DATASETS and data_dir is not None:
     from sfljax import loaders
     raise loaders.DatasetError(f"{name} ships with sfljax and reads no folder; drop "
@@ -278,9 +287,10 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid",
 
 
 HOST_ALIGNMENT = 64
-"""Byte alignment of the clients' padded arrays: on CPU ``jax.device_put``
-takes a 64-byte-aligned NumPy array without copying it (the device array
-uses the host buffer), so the clients' data exist once in memory, not twice."""
+"""Byte alignment of the host arrays the device reads (the loaded images, the
+clients' padded arrays): on CPU ``jax.device_put`` takes a 64-byte-aligned
+NumPy array without copying it (the device array uses the host buffer), so
+the samples exist once in memory, not twice."""
 
 
 def aligned_zeros(shape, dtype, alignment: int = HOST_ALIGNMENT) -> np.ndarray:
@@ -293,33 +303,65 @@ def aligned_zeros(shape, dtype, alignment: int = HOST_ALIGNMENT) -> np.ndarray:
   return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+def aligned(a: np.ndarray, alignment: int = HOST_ALIGNMENT) -> np.ndarray:
+  """``a`` itself if it is C-contiguous and starts on an ``alignment``-byte
+  boundary, else an aligned copy."""
+  a = np.asarray(a)
+  if a.flags.c_contiguous and a.ctypes.data % alignment == 0:
+    return a
+  out = aligned_zeros(a.shape, a.dtype, alignment)
+  out[...] = a
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientData:
-  """Clients' shards padded to a common length.
+  """Clients' shards, as rows of one set of samples.
 
-  x: [K, N_max, H, W, C]; y: [K, N_max]; counts: [K] true sample counts n_k.
-  Rows at or beyond ``counts[k]`` are padding and never enter a batch.
-  ``x`` and ``y`` are 64-byte aligned (:func:`aligned_zeros`).
+  images: [N, H, W, C] and labels: [N] int32, the samples the clients draw
+  from (e.g. the whole training set, not copied); rows: [K, N_max] int32,
+  client k's r-th sample is ``images[rows[k, r]]``; counts: [K] true sample
+  counts n_k. Rows at or beyond ``counts[k]`` are padding (they point at
+  sample 0) and never enter a batch.
+
+  ``x`` [K, N_max, H, W, C] and ``y`` [K, N_max]: the shards padded to a
+  common length (zeros past ``counts[k]``), 64-byte aligned
+  (:func:`aligned_zeros`); a copy of the samples, made on first use (a
+  device mesh shards it by client; one device reads ``images`` through
+  ``rows`` and never makes it).
   """
-  x: np.ndarray
-  y: np.ndarray
+  images: np.ndarray
+  labels: np.ndarray
+  rows: np.ndarray
   counts: np.ndarray
 
   @property
   def num_clients(self) -> int:
     return int(self.counts.shape[0])
 
+  @functools.cached_property
+  def x(self) -> np.ndarray:
+    return self._padded(self.images)
+
+  @functools.cached_property
+  def y(self) -> np.ndarray:
+    return self._padded(self.labels)
+
+  def _padded(self, a: np.ndarray) -> np.ndarray:
+    out = aligned_zeros(self.rows.shape + a.shape[1:], a.dtype)
+    for k, n in enumerate(self.counts):
+      out[k, :n] = a[self.rows[k, :n]]
+    return out
+
   @classmethod
   def from_partition(cls, x: np.ndarray, y: np.ndarray,
                      parts: Sequence[np.ndarray]) -> "ClientData":
     counts = np.array([len(p) for p in parts], np.int32)
-    n_max = int(counts.max())
-    xs = aligned_zeros((len(parts), n_max) + x.shape[1:], x.dtype)
-    ys = aligned_zeros((len(parts), n_max), np.int32)
+    rows = aligned_zeros((len(parts), int(counts.max())), np.int32)
     for k, p in enumerate(parts):
-      xs[k, :len(p)] = x[p]
-      ys[k, :len(p)] = y[p]
-    return cls(xs, ys, counts)
+      rows[k, :len(p)] = p
+    labels = aligned(np.asarray(y, np.int32))
+    return cls(x, labels, rows, counts)
 
   @classmethod
   def pooled(cls, x: np.ndarray, y: np.ndarray,

@@ -434,13 +434,16 @@ class Experiment:
     if not hasattr(self, "executor"):   # A ready Algorithm object: its own executor.
       self.executor = getattr(self.algorithm, "executor", execution.resolve("auto"))
     self.strata = self._sampling_strata()   # Checked before any data moves.
+    self._rows = None
     if self.mesh is None:
-      # On CPU the device arrays use the (aligned) host buffers: no second copy
-      # of the clients' data. The host arrays become read-only, as the device's are.
-      self._x, self._y = jax.device_put(cd.x), jax.device_put(cd.y)
-      for a in (cd.x, cd.y):
+      # The samples once, read through the clients' rows (no padded per-client
+      # copy). On CPU the device arrays use the (aligned) host buffers, which
+      # become read-only, as the device's are.
+      images, labels = data.aligned(cd.images), data.aligned(cd.labels)
+      self._x, self._y, self._rows = (jax.device_put(a) for a in (images, labels, cd.rows))
+      for a in (images, labels, cd.rows):
         a.flags.writeable = False
-    else:
+    else:   # Each device holds its own clients' padded shards.
       self._x, self._y = self._place_clients(cd.x), self._place_clients(cd.y)
     self._weights = self._place_clients(cd.counts.astype(np.float32))
     self.trace_count = 0  # Tracings of the round's programs (tests: no recompilation).
@@ -602,7 +605,7 @@ class Experiment:
   def traffic_for(self, counts):
     """Bytes moved in a round in which clients holding ``counts`` samples take part."""
     return self.algorithm.traffic(counts, self.config.local_epochs, self.dataset.input_shape,
-                                  self.client_data.y.dtype)
+                                  self.client_data.labels.dtype)
 
   def participants(self, round_index: int) -> np.ndarray | None:
     """The client ids taking part in a round (None: all of them), increasing;
@@ -659,7 +662,8 @@ class Experiment:
       weights, clients = self._place_clients((counts.astype(np.float32), ids))
     return algorithms.RoundInputs(self._x, self._y, *per_client, weights, *orders, clients,
                                   None if reported is None else self._place_clients(reported),
-                                  None if active is None else self._place_clients(active))
+                                  None if active is None else self._place_clients(active),
+                                  self._rows)
 
   @property
   def steps_per_round(self) -> int:

@@ -89,6 +89,25 @@ def test_client_data_arrays_are_aligned_for_zero_copy_placement():
   np.testing.assert_array_equal(cd.x[0, :13], x[:13])
   np.testing.assert_array_equal(cd.x[1, :17], x[13:])
   np.testing.assert_array_equal(cd.x[0, 13:], 0)
+  np.testing.assert_array_equal(cd.rows[0], list(range(13)) + [0] * 4)   # padding: sample 0
+  assert cd.labels.dtype == np.int32 and cd.rows.ctypes.data % 64 == 0
+
+
+def test_aligned_returns_aligned_arrays_and_copies_only_when_needed():
+  raw = np.zeros(4 * 65 + 68, np.uint8)
+  for off in range(0, 68, 4):   # every 4-byte offset of a float32 array
+    a = raw[off:off + 4 * 65].view(np.float32)
+    a[:] = np.arange(65)
+    b = data.aligned(a)
+    assert b.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(b, np.arange(65))
+    assert (b is a) == (a.ctypes.data % 64 == 0)
+  assert data.aligned(np.zeros((4, 4))[:, ::2]).flags.c_contiguous
+
+
+def test_loaded_images_are_aligned_for_zero_copy_placement():
+  ds = data.load_dataset("digits")
+  assert ds.x_train.ctypes.data % 64 == 0 and ds.x_test.ctypes.data % 64 == 0
 
 
 # ---------------------------------------------------------------------------

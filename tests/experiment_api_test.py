@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from conftest import small_digits
+from sfljax import data
 from sfljax.config import Config, ConfigError
 from sfljax.train import DP_METRICS, LEAKAGE_METRICS, METRICS, Experiment
 
@@ -25,18 +26,26 @@ def _counts(opt_state):
   return {int(np.asarray(v).ravel()[0]) for p, v in flat if "count" in jax.tree_util.keystr(p)}
 
 
-def test_clients_data_is_placed_without_a_copy_on_cpu():
-  """The device arrays of the clients' data use the host arrays' buffers (one
-  copy in memory, not two), which are read-only from then on."""
-  exp = _exp()
+def test_samples_are_placed_once_without_a_copy_on_cpu():
+  """One device reads the dataset's own images through the clients' rows: no
+  padded per-client copy is made, and on CPU the device arrays use the host
+  buffers, which are read-only from then on."""
+  ds = small_digits(48, 24)
+  ds = dataclasses.replace(ds, x_train=data.aligned(ds.x_train))
+  parts = [np.arange(16 * k, 16 * (k + 1))[::-1] for k in range(3)]
+  exp = Experiment(Config(clients=3, rounds=2, batch_size=8), dataset=ds, parts=parts)
   cd = exp.client_data
-  assert not cd.x.flags.writeable and not cd.y.flags.writeable
-  np.testing.assert_array_equal(np.asarray(exp._x), cd.x)
+  assert "x" not in vars(cd) and "y" not in vars(cd)   # the padded copy: never built
+  np.testing.assert_array_equal(np.asarray(exp._x), ds.x_train)
+  np.testing.assert_array_equal(np.asarray(exp._y), ds.y_train)
+  np.testing.assert_array_equal(np.asarray(exp._rows), np.stack(parts))
   if jax.default_backend() == "cpu":
-    assert exp._x.unsafe_buffer_pointer() == cd.x.ctypes.data
-    assert exp._y.unsafe_buffer_pointer() == cd.y.ctypes.data
+    assert exp._x.unsafe_buffer_pointer() == ds.x_train.ctypes.data
   with pytest.raises(ValueError, match="read-only"):
-    cd.x[0, 0] = 1.0
+    ds.x_train[0, 0] = 1.0
+  # On demand, the padded shards are the parts' samples.
+  np.testing.assert_array_equal(cd.x[1], ds.x_train[parts[1]])
+  np.testing.assert_array_equal(cd.y[2], ds.y_train[parts[2]])
 
 
 @pytest.mark.parametrize("algorithm,server_updates", [("sflv1", 2), ("sflv2", 6), ("sl", 6)])
