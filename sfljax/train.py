@@ -431,6 +431,9 @@ class Experiment:
 
   def _finish_init(self):
     cfg, cd = self.config, self.client_data
+    # The round's key, fold_in(key(seed + 1), round), compiled once: eager, its two
+    # operations cost ~0.25 ms of host time per round (4 % of a one-client round).
+    self._round_key = jax.jit(lambda r: jax.random.fold_in(jax.random.key(cfg.seed + 1), r))
     if not hasattr(self, "executor"):   # A ready Algorithm object: its own executor.
       self.executor = getattr(self.algorithm, "executor", execution.resolve("auto"))
     self.strata = self._sampling_strata()   # Checked before any data moves.
@@ -652,7 +655,7 @@ class Experiment:
     rng = data.rng_for(cfg.seed, data._ORDER_STREAM, round_index)
     client_order = rng.permutation(k).astype(np.int32)
     step_orders = np.stack([rng.permutation(k) for _ in range(t)]).astype(np.int32)
-    key = jax.random.fold_in(jax.random.key(cfg.seed + 1), round_index)
+    key = self._round_key(np.int32(round_index))
     # Per-participant rows sharded like the clients (on a mesh device d holds
     # its own participants: the stratified draw), orders and key replicated.
     per_client = self._place_clients((idx, mask))

@@ -153,3 +153,13 @@ def test_bad_datasets_and_parts_are_refused_naming_the_argument():
     Experiment(Config(clients=2), dataset=ds, parts=[np.arange(30), np.arange(20, 48)])
   with pytest.raises(ConfigError, match=r"^cut \(--cut\): "):
     Experiment(Config(cut="conv9"), dataset=ds)
+
+
+@pytest.mark.parametrize("seed", [0, 2**31 - 1])
+def test_round_key_is_documented_fold_in(seed):
+  """RoundInputs.key of round r is fold_in(key(seed + 1), r) (computed by a
+  compiled function, not eagerly), also for the largest seed."""
+  exp = _exp(seed=seed)
+  for r in (0, 3, 1000):
+    want = jax.random.key_data(jax.random.fold_in(jax.random.key(seed + 1), r))
+    np.testing.assert_array_equal(jax.random.key_data(exp.round_inputs(r).key), want)
