@@ -24,8 +24,9 @@ next save). ``keep`` bounds how many rounds are kept (oldest removed first).
 Arrays are written uncompressed: orbax's zstd compression holds the whole
 compressed checkpoint in memory until it is written (about the state's size
 again: 0.4 GiB for SFLV1's 1000 server replicas' Adam states), and
-parameters and optimizer moments compress by less than 10 %. Checkpoints
-written compressed (by earlier versions) restore all the same.
+parameters and optimizer moments barely compress (that run's checkpoint:
+472 MB uncompressed, 410 MB compressed). Checkpoints written compressed (by
+earlier versions) restore all the same.
 """
 
 from __future__ import annotations
