@@ -360,7 +360,8 @@ class ClientData:
     rows = aligned_zeros((len(parts), int(counts.max())), np.int32)
     for k, p in enumerate(parts):
       rows[k, :len(p)] = p
-    labels = aligned(np.asarray(y, np.int32))
+    labels = aligned_zeros(len(y), np.int32)   # Our own copy (small): y stays the caller's.
+    labels[:] = y
     return cls(x, labels, rows, counts)
 
   @classmethod

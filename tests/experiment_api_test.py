@@ -31,7 +31,8 @@ def test_samples_are_placed_once_without_a_copy_on_cpu():
   padded per-client copy is made, and on CPU the device arrays use the host
   buffers, which are read-only from then on."""
   ds = small_digits(48, 24)
-  ds = dataclasses.replace(ds, x_train=data.aligned(ds.x_train))
+  ds = dataclasses.replace(ds, x_train=data.aligned(ds.x_train),
+                           y_train=data.aligned(np.asarray(ds.y_train, np.int32)))
   parts = [np.arange(16 * k, 16 * (k + 1))[::-1] for k in range(3)]
   exp = Experiment(Config(clients=3, rounds=2, batch_size=8), dataset=ds, parts=parts)
   cd = exp.client_data
@@ -43,6 +44,7 @@ def test_samples_are_placed_once_without_a_copy_on_cpu():
     assert exp._x.unsafe_buffer_pointer() == ds.x_train.ctypes.data
   with pytest.raises(ValueError, match="read-only"):
     ds.x_train[0, 0] = 1.0
+  assert ds.y_train.flags.writeable   # the labels are copied (int32), the caller's stay theirs
   # On demand, the padded shards are the parts' samples.
   np.testing.assert_array_equal(cd.x[1], ds.x_train[parts[1]])
   np.testing.assert_array_equal(cd.y[2], ds.y_train[parts[2]])
