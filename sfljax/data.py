@@ -318,8 +318,8 @@ def aligned(a: np.ndarray, alignment: int = HOST_ALIGNMENT) -> np.ndarray:
 class ClientData:
   """Clients' shards, as rows of one set of samples.
 
-  images: [N, H, W, C] and labels: [N] int32, the samples the clients draw
-  from (e.g. the whole training set, not copied); rows: [K, N_max] int32,
+  images: [N, H, W, C], the samples the clients draw from (e.g. the whole
+  training set, not copied), and labels: [N] int32 (a copy); rows: [K, N_max] int32,
   client k's r-th sample is ``images[rows[k, r]]``; counts: [K] true sample
   counts n_k. Rows at or beyond ``counts[k]`` are padding (they point at
   sample 0) and never enter a batch.
