@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 
 import block_speed  # noqa: E402
 import cost_model  # noqa: E402
+import per_sample_spread  # noqa: E402
 import profile_step  # noqa: E402
 import table5  # noqa: E402
 
@@ -149,3 +150,24 @@ def test_block_speed_compares_block_sizes_on_equal_states(tmp_path):
   assert [r["client_block"] for r in rows] == [None, 4]
   assert all(r["state_equal_to_first"] for r in rows)
   assert rows[0]["ratio_to_first"] == 1.0 and len(rows[1]["round_seconds"]) == 2
+
+
+def test_per_sample_spread_interleaves_and_recomputes(tmp_path):
+  """Two K values in one process, two passes: every pass times every K, and the
+  reported medians and spreads follow from the per-pass costs (recomputed here);
+  an existing --out is refused, not overwritten."""
+  out = tmp_path / "spread.json"
+  assert per_sample_spread.main(["--algorithms", "sflv1", "--clients", "1", "3",
+                                 "--passes", "2", "--slice", "0.01", "--warmup", "1",
+                                 "--out", str(out)]) == 0
+  row = json.loads(out.read_text())["rows"][0]
+  passes = [{int(k): v for k, v in p.items()} for p in row["seconds_per_sample_per_pass"]]
+  assert len(passes) == 2 and all(sorted(p) == [1, 3] and min(p.values()) > 0 for p in passes)
+  med = {k: float(np.median([p[k] for p in passes])) for k in (1, 3)}
+  assert {int(k): v for k, v in row["seconds_per_sample_median"].items()} == pytest.approx(med)
+  assert row["spread_of_medians"] == pytest.approx(max(med.values()) / min(med.values()))
+  spreads = sorted(max(p.values()) / min(p.values()) for p in passes)
+  assert row["spread_per_pass_range"] == pytest.approx(spreads)
+  before = out.read_text()
+  assert per_sample_spread.main(["--clients", "1", "--out", str(out)]) == 2
+  assert out.read_text() == before
