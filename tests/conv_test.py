@@ -83,6 +83,15 @@ def _data(b, h, w_, cin, cout, k, dtype=np.float32, seed=0):
   return x, w
 
 
+def _case(shape):
+  """Inputs, a cotangent and the float64 (forward, input grad, kernel grad) of a SHAPES row."""
+  _, b, h, wd, cin, cout, k, s, pad = shape
+  x, w = _data(b, h, wd, cin, cout, k)
+  y_ref, _, _ = _ref(x, w, None, s, pad)
+  g = np.random.RandomState(1).standard_normal(y_ref.shape).astype(np.float32)
+  return x, w, g, s, pad, _ref(x, w, g, s, pad)
+
+
 def _vjp_fn(strides, padding, lowering):
   def f(x, w, g):
     y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, strides=strides, padding=padding,
@@ -99,11 +108,7 @@ def _check(got, want, rtol=2e-5):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 def test_lowerings_match_float64_reference(shape):
-  _, b, h, wd, cin, cout, k, s, pad = shape
-  x, w = _data(b, h, wd, cin, cout, k)
-  y_ref, _, _ = _ref(x, w, None, s, pad)
-  g = np.random.RandomState(1).standard_normal(y_ref.shape).astype(np.float32)
-  y_ref, dx_ref, dw_ref = _ref(x, w, g, s, pad)
+  x, w, g, s, pad, (y_ref, dx_ref, dw_ref) = _case(shape)
   for lowering in LOWERINGS:
     y, dx, dw = _vjp_fn(s, pad, lowering)(x, w, g)
     assert y.shape == y_ref.shape and y.dtype == jnp.float32, lowering
@@ -116,11 +121,7 @@ def test_lowerings_match_float64_reference(shape):
 def test_xla_input_gradient_inside_the_custom_vjp(shape):
   # The 'xla' input gradient builds the transposed convolution itself (not
   # through jax.vjp): every stride, padding and odd size against float64.
-  _, b, h, wd, cin, cout, k, s, pad = shape
-  x, w = _data(b, h, wd, cin, cout, k)
-  y_ref, _, _ = _ref(x, w, None, s, pad)
-  g = np.random.RandomState(1).standard_normal(y_ref.shape).astype(np.float32)
-  _, dx_ref, _ = _ref(x, w, g, s, pad)
+  x, w, g, s, pad, (_, dx_ref, _) = _case(shape)
   _, dx, _ = _vjp_fn(s, pad, ("patches", "xla", "patches"))(x, w, g)
   _check(dx, dx_ref)
 
@@ -140,11 +141,7 @@ def test_xla_input_gradient_kernel_is_hwio():
 @pytest.mark.parametrize("shape", [SHAPES[4], SHAPES[6], SHAPES[9]],
                          ids=[SHAPES[i][0] for i in (4, 6, 9)])
 def test_mixed_lowerings(shape):
-  _, b, h, wd, cin, cout, k, s, pad = shape
-  x, w = _data(b, h, wd, cin, cout, k)
-  y_ref, _, _ = _ref(x, w, None, s, pad)
-  g = np.random.RandomState(1).standard_normal(y_ref.shape).astype(np.float32)
-  y_ref, dx_ref, dw_ref = _ref(x, w, g, s, pad)
+  x, w, g, s, pad, (y_ref, dx_ref, dw_ref) = _case(shape)
   for lowering in MIXED:
     for got, want in zip(_vjp_fn(s, pad, lowering)(x, w, g), (y_ref, dx_ref, dw_ref)):
       _check(got, want)
