@@ -6,7 +6,9 @@ at ~3 GFLOP/s on the 2-core development machine, where a plain matmul reaches
 ~180 GFLOP/s.  :func:`conv2d` computes the forward pass, the input gradient
 and the kernel gradient each with its own formulation (a ``jax.custom_vjp``):
 
-* ``xla``     : ``lax.conv_general_dilated`` and its own transposes;
+* ``xla``     : ``lax.conv_general_dilated`` and its transposes (the input
+                gradient's built here with an HWIO kernel, see
+                ``_input_grad_xla``);
 * ``patches`` : im2col by shifted strided slices + one matmul (forward),
                 cotangent @ kernel^T + col2im by a sum of (interior-)padded
                 slices (input gradient), patches^T @ cotangent (kernel
@@ -285,7 +287,8 @@ def _input_grad_xla(g, x_shape, x_dtype, w, s, pads):
   """The input gradient as the convolution JAX's transpose rule builds (the
   cotangent, dilated by the strides, against the spatially flipped kernel),
   but with that kernel transposed to HWIO by us instead of the rule's
-  swapped (HWOI) dimension labels. Same products, same values. Why: inside a
+  swapped (HWOI) dimension labels. The same products; the kernel XLA picks
+  may sum them in another order (last digits). Why: inside a
   loop (the rounds' scans over steps and clients) XLA:CPU left the rule's
   HWOI convolution to its generic convolution instead of its YNN matmul
   fusion. ResNet18's 16x16 64->64 input gradient at batch 256 in a scan over
