@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -666,25 +667,62 @@ def comparisons(rows: list[dict], torch_rows: list[dict], card: str | None,
   return out
 
 
-def collect_train(out_dir: str) -> dict | None:
-  path = os.path.join(out_dir, "train_u_sflv1", "metrics.jsonl")
+def _metrics(out_dir: str, folder: str) -> tuple[list[dict], list[str]] | None:
+  """A `sfljax train` part's rounds (metrics.jsonl) and the last lines of its stderr."""
   try:
-    with open(path) as f:
+    with open(os.path.join(out_dir, folder, "metrics.jsonl")) as f:
       m = [json.loads(l) for l in f if l.strip()]
   except (OSError, ValueError):
     return None
   if not m:
     return None
-  secs = [r.get("seconds") for r in m]
   try:
-    with open(os.path.join(out_dir, "train_u_sflv1", "stderr.txt")) as f:
+    with open(os.path.join(out_dir, folder, "stderr.txt")) as f:
       messages = [l.strip() for l in f if l.strip()][-5:]
   except OSError:
     messages = []
+  return m, messages
+
+
+def _median(xs: list) -> float | None:
+  xs = [x for x in xs if x is not None]
+  return statistics.median(xs) if xs else None
+
+
+def collect_train(out_dir: str) -> dict | None:
+  got = _metrics(out_dir, "train_u_sflv1")
+  if got is None:
+    return None
+  m, messages = got
+  secs = [r.get("seconds") for r in m]
   return {"rounds": len(m), "seconds_per_round": secs, "stderr": messages,
-          "median_seconds_per_round": sorted(secs)[len(secs) // 2],
+          "median_seconds_per_round": _median(secs),
           "final_test_accuracy": m[-1].get("test_accuracy"),
           "best_test_accuracy": max(r.get("test_accuracy") or 0 for r in m)}
+
+
+LEAK_KEYS = ("leak_dcor", "leak_label_auc", "leak_inversion_mse", "leak_inversion_psnr",
+             "leak_inversion_ssim")
+
+
+def collect_leakage(out_dir: str) -> dict | None:
+  """The leakage part: the measures' seconds per round beside the round's training seconds.
+
+  The first round's measures include their compilation; the steady cost is the median of
+  the later rounds (every round trains the inversion decoder in this part)."""
+  got = _metrics(out_dir, "leakage_sflv1")
+  if got is None:
+    return None
+  m, messages = got
+  leak = [r.get("leakage_seconds") for r in m]
+  train = [r.get("train_seconds", r.get("seconds")) for r in m]
+  later, later_train = leak[1:], train[1:]    # Empty after one round: no steady cost.
+  return {"rounds": len(m), "leakage_seconds_per_round": leak,
+          "train_seconds_per_round": train, "stderr": messages,
+          "first_round_leakage_seconds": leak[0],
+          "median_leakage_seconds_after_first": _median(later),
+          "median_train_seconds_after_first": _median(later_train),
+          "last": {k: m[-1].get(k) for k in LEAK_KEYS + ("test_accuracy",)}}
 
 
 def build_report(out_dir: str) -> dict:
@@ -723,6 +761,7 @@ def build_report(out_dir: str) -> dict:
                     "repeats": bench_info.get("repeats"), "budget": bench_info.get("budget")},
       "comparisons": comparisons(rows, torch_rows, card, torch_same),
       "train_u_sflv1": collect_train(out_dir),
+      "leakage_sflv1": collect_leakage(out_dir),
       "date": time.strftime("%Y-%m-%d %H:%M:%S"),
   }
   t = list(report["tests"]["files"].values()) + [report["tests"]["unattributed"]]
@@ -839,6 +878,22 @@ def markdown(rep: dict) -> str:
              f"final test accuracy {tr['final_test_accuracy']:.4f} "
              f"(best {tr['best_test_accuracy']:.4f})")
     L += [f"- stderr: {m}" for m in tr.get("stderr") or []]
+  else:
+    L.append("- no result (see the parts table)")
+  lk = rep.get("leakage_sflv1")
+  L += ["", "## Leakage measures (`--leakage`, decoder every round), two-part SFLV1, vmap, "
+        "`sfljax train`", ""]
+  if lk:
+    last = lk["last"]
+    later = (f"median **{_f(lk['median_leakage_seconds_after_first'], '{:.2f}')} s** per "
+             f"later round, against {_f(lk['median_train_seconds_after_first'], '{:.3f}')} s "
+             "of training" if lk["rounds"] > 1 else "no later round (see the parts table)")
+    L.append(f"- {lk['rounds']} round(s); measures "
+             f"{_f(lk['first_round_leakage_seconds'], '{:.2f}')} s in round 1 (with their "
+             f"compilation); {later}")
+    L.append("- last round: " + ", ".join(f"{k} {_f(last.get(k), '{:.3f}')}"
+                                          for k in LEAK_KEYS + ("test_accuracy",)))
+    L += [f"- stderr: {m}" for m in lk.get("stderr") or []]
   else:
     L.append("- no result (see the parts table)")
   L += ["", "## Parts", "", "| part | status | s | limit s | note |", "| --- | --- | --- | --- | --- |"]

@@ -15,16 +15,18 @@
 #           clients (benchmark.py's worker), and the official-shaped PyTorch loop on the
 #           same device (LeNet 100 and 5, ResNet18 5), most important first
 #   train   U-shaped SFLV1 (cut 1,4), 100 vmapped clients, `python -m sfljax train`
+#   leakage the leakage measures (`--leakage`, inversion decoder every round) on two-part
+#           SFLV1 with 100 vmapped clients, timed per round (leakage_seconds)
 #   report  OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md (always written)
 # Without a GPU backend everything runs on CPU and the report says CPU.
 # Environment: PYTHON (default python3), SMOKE=1, GPU_CHECK_PARTS (default "tests bench
-# train"; probe and report always run), GPU_CHECK_SECONDS (overall budget,
+# train leakage"; probe and report always run), GPU_CHECK_SECONDS (overall budget,
 # default 470; the device machine's per-command limit is 600), GPU_CHECK_TEST_JOBS
 # (parallel pytest processes; default 3/4 of the cores, at most 12, on a GPU; 0 = per file).
 # Budget on an H100 (limits; most parts should end well before them):
 #   probe <=90 s | test collection <=60 s | tests <=120 s | bench: until 75 s before the
 #   end (each configuration <=90 s LeNet / 120 s ResNet18, none started without time to
-#   finish) | train <=60 s | report <=60 s (reserve 20 s)
+#   finish) | train <=60 s | leakage <=75 s | report <=60 s (reserve 20 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_check_out}}"
@@ -34,7 +36,7 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 
 PY="${PYTHON:-python3}"
 SMOKE="${SMOKE:-0}"
-PARTS=" ${GPU_CHECK_PARTS:-tests bench train} "
+PARTS=" ${GPU_CHECK_PARTS:-tests bench train leakage} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 START=$(date +%s)
 TOTAL="${GPU_CHECK_SECONDS:-470}"            # The machine's per-command limit is 600 s.
@@ -139,9 +141,9 @@ if (( ${#FILES[@]} )); then
 fi
 
 # -- benchmark --------------------------------------------------------------------------------
-# The driver starts nothing it cannot finish before its deadline (the end less the train and
-# report reserve) and saves OUT/bench.json after every configuration.
-RESERVE=$([[ "$SMOKE" == 1 ]] && echo 60 || echo 75)
+# The driver starts nothing it cannot finish before its deadline (the end less the train,
+# leakage and report reserve) and saves OUT/bench.json after every configuration.
+RESERVE=$([[ "$SMOKE" == 1 ]] && echo 120 || echo 155)
 DEADLINE=$((END - RESERVE))
 BENCH_ARGS=(--deadline "$DEADLINE" --repeats 3 --budget 10)
 [[ "$SMOKE" == 1 ]] && BENCH_ARGS=(--deadline "$DEADLINE" --smoke --repeats 1 --budget 5)
@@ -153,11 +155,27 @@ want bench && part bench $((DEADLINE - $(date +%s) + 20)) $((RESERVE - 20)) \
 K=$([[ "$SMOKE" == 1 ]] && echo 5 || echo 100); R=$([[ "$SMOKE" == 1 ]] && echo 2 || echo 5)
 if want train; then
   mkdir -p "$OUT/train_u_sflv1"
-  part train 60 20 "$PY" -m sfljax train --algorithm sflv1 --cut 1,4 --clients "$K" \
+  part train 60 95 "$PY" -m sfljax train --algorithm sflv1 --cut 1,4 --clients "$K" \
     --strategy vmap --rounds "$R" --checkpoint-every 0 --quiet --overwrite \
     --out "$WORK/u_sflv1" 2> "$OUT/train_u_sflv1/stderr.txt"
   tail -5 "$OUT/train_u_sflv1/stderr.txt"
   cp "$WORK"/u_sflv1/{config.json,metrics.jsonl,summary.json} "$OUT/train_u_sflv1/" 2>/dev/null
+fi
+
+# -- the leakage measures at K clients -------------------------------------------------------
+# Two-part SFLV1 (the server computes the loss, so the label attack has gradients to score);
+# the inversion decoder trains every round, so every round after the first (which compiles)
+# times all the measures. leakage_seconds per round is in metrics.jsonl, apart from seconds.
+# Smoke: 2 rounds and a 50-step decoder (one CPU round of the full measures takes ~40 s).
+LEAK_ARGS=(--rounds 3)
+[[ "$SMOKE" == 1 ]] && LEAK_ARGS=(--rounds 2 --leakage-decoder-steps 50)
+if want leakage; then
+  mkdir -p "$OUT/leakage_sflv1"
+  part leakage 75 20 "$PY" -m sfljax train --algorithm sflv1 --clients "$K" --strategy vmap \
+    "${LEAK_ARGS[@]}" --leakage --leakage-inversion-every 1 --checkpoint-every 0 --quiet \
+    --overwrite --out "$WORK/leak_sflv1" 2> "$OUT/leakage_sflv1/stderr.txt"
+  tail -5 "$OUT/leakage_sflv1/stderr.txt"
+  cp "$WORK"/leak_sflv1/{config.json,metrics.jsonl,summary.json} "$OUT/leakage_sflv1/" 2>/dev/null
 fi
 
 # -- report -----------------------------------------------------------------------------------

@@ -116,6 +116,13 @@ def _canned(out):
   with open(os.path.join(out, "train_u_sflv1", "metrics.jsonl"), "w") as f:
     for i, (s, a) in enumerate([(3.0, 0.5), (0.2, 0.8), (0.4, 0.7)], 1):
       f.write(json.dumps({"round": i, "seconds": s, "test_accuracy": a}) + "\n")
+  os.makedirs(os.path.join(out, "leakage_sflv1"))
+  with open(os.path.join(out, "leakage_sflv1", "metrics.jsonl"), "w") as f:
+    for i, (t, l) in enumerate([(9.0, 30.0), (0.25, 1.5), (0.35, 2.5)], 1):
+      f.write(json.dumps({"round": i, "seconds": t + 0.1, "train_seconds": t,
+                          "leakage_seconds": l, "leak_dcor": 0.9 + i / 100,
+                          "leak_label_auc": 0.97, "leak_inversion_ssim": 0.5,
+                          "test_accuracy": 0.6}) + "\n")
 
 
 def test_report_from_canned_parts(gc, tmp_path, capsys):
@@ -155,17 +162,24 @@ def test_report_from_canned_parts(gc, tmp_path, capsys):
   assert rep["tests_total"] == {"passed": 13, "failed": 2, "errors": 0, "skipped": 2}
   assert rep["train_u_sflv1"]["median_seconds_per_round"] == 0.4
   assert rep["train_u_sflv1"]["best_test_accuracy"] == 0.8
+  lk = rep["leakage_sflv1"]
+  assert lk["first_round_leakage_seconds"] == 30.0
+  assert lk["median_leakage_seconds_after_first"] == pytest.approx(2.0)    # (1.5 + 2.5) / 2
+  assert lk["median_train_seconds_after_first"] == pytest.approx(0.3)     # (0.25 + 0.35) / 2
+  assert lk["last"]["leak_dcor"] == pytest.approx(0.93) and lk["last"]["leak_inversion_mse"] is None
   assert {s["part"] for s in rep["skipped"]} == {"train", "test:chunk_02",
                                                  "needs scikit-learn"}
 
   assert md.startswith("# Accelerator check: GPU\n")
   for heading in ("## Tests", "## Headline", "## Benchmark (sfljax)", "## PyTorch loop",
-                  "## Ratios", "## Parts"):
+                  "## Ratios", "## Leakage measures", "## Parts"):
     assert heading in md
   assert "**20.00x**" in md and "**25.0%** of the card's dense bf16 peak (989 TFLOP/s)" in md
   assert "not started: 12 s left" in md and "timed out after 90 s" in md
   assert "FAILED tests/algorithms_test.py::test_b" in md
   assert "test process chunk_02: timed out" in md
+  assert "median **2.00 s** per later round, against 0.300 s of training" in md
+  assert "leak_dcor 0.930, leak_label_auc 0.970" in md
 
 
 def test_report_of_a_cpu_run_with_nothing_left(gc, tmp_path, capsys):
@@ -186,7 +200,23 @@ def test_report_of_a_cpu_run_with_nothing_left(gc, tmp_path, capsys):
   assert x["ratio"] == pytest.approx(1.5) and x["same_device"]
   assert "No GPU backend" in md and "SMOKE" in md
   assert rep["tests_total"]["passed"] == 0 and rep["train_u_sflv1"] is None
+  assert rep["leakage_sflv1"] is None
   assert all(t["status"].startswith("not collected") for t in rep["tests"]["files"].values())
+
+
+def test_leakage_part_cut_after_one_round_claims_no_steady_cost(gc, tmp_path, capsys):
+  out = str(tmp_path)
+  os.makedirs(os.path.join(out, "leakage_sflv1"))
+  with open(os.path.join(out, "leakage_sflv1", "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"round": 1, "seconds": 0.5, "train_seconds": 0.4,
+                        "leakage_seconds": 42.0, "leak_dcor": 0.95}) + "\n")
+  assert gc.report(out) == 0
+  capsys.readouterr()
+  lk = json.load(open(os.path.join(out, "gpu_check.json")))["leakage_sflv1"]
+  assert lk["first_round_leakage_seconds"] == 42.0
+  assert lk["median_leakage_seconds_after_first"] is None
+  md = open(os.path.join(out, "gpu_check.md")).read()
+  assert "1 round(s); measures 42.00 s in round 1" in md and "no later round" in md
 
 
 def test_bench_past_its_deadline_starts_nothing_and_saves(gc, tmp_path, capsys):
