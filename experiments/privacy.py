@@ -13,6 +13,11 @@ PixelDP, and writes a table, a JSON file and a privacy-utility plot::
   python experiments/privacy.py sweep --dataset fashion_mnist \\
       --data-dir /usr/share/datasets/fashion-mnist --model lenet --rounds 2 --batch-size 64 \\
       --draws 20 --out experiments/results/privacy/fashion_mnist
+  python experiments/privacy.py sweep --dataset digits --model alexnet --rounds 3 --draws 20 \\
+      --sweeps pixeldp --out experiments/results/privacy/digits_alexnet
+  python experiments/privacy.py sweep --dataset fashion_mnist \\
+      --data-dir /usr/share/datasets/fashion-mnist --model alexnet --rounds 1 --batch-size 64 \\
+      --draws 20 --sweeps pixeldp --out experiments/results/privacy/fashion_mnist_alexnet
   python experiments/privacy.py cost --dataset fashion_mnist \\
       --data-dir /usr/share/datasets/fashion-mnist --rounds 3
 
