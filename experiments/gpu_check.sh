@@ -24,7 +24,7 @@
 # default 470; the device machine's per-command limit is 600), GPU_CHECK_TEST_JOBS
 # (parallel pytest processes; default 3/4 of the cores, at most 12, on a GPU; 0 = per file).
 # Budget on an H100 (limits; most parts should end well before them):
-#   probe <=90 s | test collection <=60 s | tests <=120 s | bench: until 75 s before the
+#   probe <=90 s | test collection <=60 s | tests <=120 s | bench: until 155 s before the
 #   end (each configuration <=90 s LeNet / 120 s ResNet18, none started without time to
 #   finish) | train <=60 s | leakage <=75 s | report <=60 s (reserve 20 s)
 set -uo pipefail
