@@ -717,7 +717,9 @@ def collect_leakage(out_dir: str) -> dict | None:
   leak = [r.get("leakage_seconds") for r in m]
   train = [r.get("train_seconds", r.get("seconds")) for r in m]
   later, later_train = leak[1:], train[1:]    # Empty after one round: no steady cost.
-  return {"rounds": len(m), "leakage_seconds_per_round": leak,
+  cfg = (load_json(os.path.join(out_dir, "leakage_sflv1", "config.json")) or {}).get("config", {})
+  return {"clients": cfg.get("clients"), "dataset": cfg.get("dataset"),
+          "rounds": len(m), "leakage_seconds_per_round": leak,
           "train_seconds_per_round": train, "stderr": messages,
           "first_round_leakage_seconds": leak[0],
           "median_leakage_seconds_after_first": _median(later),
@@ -888,9 +890,9 @@ def markdown(rep: dict) -> str:
     later = (f"median **{_f(lk['median_leakage_seconds_after_first'], '{:.2f}')} s** per "
              f"later round, against {_f(lk['median_train_seconds_after_first'], '{:.3f}')} s "
              "of training" if lk["rounds"] > 1 else "no later round (see the parts table)")
-    L.append(f"- {lk['rounds']} round(s); measures "
-             f"{_f(lk['first_round_leakage_seconds'], '{:.2f}')} s in round 1 (with their "
-             f"compilation); {later}")
+    L.append(f"- {lk['clients'] or '?'} clients, {lk['dataset'] or '?'}, {lk['rounds']} "
+             f"round(s); measures {_f(lk['first_round_leakage_seconds'], '{:.2f}')} s in "
+             f"round 1 (with their compilation); {later}")
     L.append("- last round: " + ", ".join(f"{k} {_f(last.get(k), '{:.3f}')}"
                                           for k in LEAK_KEYS + ("test_accuracy",)))
     L += [f"- stderr: {m}" for m in lk.get("stderr") or []]

@@ -117,6 +117,10 @@ def _canned(out):
     for i, (s, a) in enumerate([(3.0, 0.5), (0.2, 0.8), (0.4, 0.7)], 1):
       f.write(json.dumps({"round": i, "seconds": s, "test_accuracy": a}) + "\n")
   os.makedirs(os.path.join(out, "leakage_sflv1"))
+  with open(os.path.join(out, "leakage_sflv1", "config.json"), "w") as f:
+    # The layout `sfljax train` writes (its run folder's config.json).
+    json.dump({"config": {"algorithm": "sflv1", "clients": 100, "dataset": "digits",
+                          "leakage": True}}, f)
   with open(os.path.join(out, "leakage_sflv1", "metrics.jsonl"), "w") as f:
     for i, (t, l) in enumerate([(9.0, 30.0), (0.25, 1.5), (0.35, 2.5)], 1):
       f.write(json.dumps({"round": i, "seconds": t + 0.1, "train_seconds": t,
@@ -178,6 +182,7 @@ def test_report_from_canned_parts(gc, tmp_path, capsys):
   assert "not started: 12 s left" in md and "timed out after 90 s" in md
   assert "FAILED tests/algorithms_test.py::test_b" in md
   assert "test process chunk_02: timed out" in md
+  assert "- 100 clients, digits, 3 round(s); measures 30.00 s in round 1" in md
   assert "median **2.00 s** per later round, against 0.300 s of training" in md
   assert "leak_dcor 0.930, leak_label_auc 0.970" in md
 
@@ -216,7 +221,8 @@ def test_leakage_part_cut_after_one_round_claims_no_steady_cost(gc, tmp_path, ca
   assert lk["first_round_leakage_seconds"] == 42.0
   assert lk["median_leakage_seconds_after_first"] is None
   md = open(os.path.join(out, "gpu_check.md")).read()
-  assert "1 round(s); measures 42.00 s in round 1" in md and "no later round" in md
+  assert "- ? clients, ?, 1 round(s); measures 42.00 s in round 1" in md   # No config.json.
+  assert "no later round" in md
 
 
 def test_bench_past_its_deadline_starts_nothing_and_saves(gc, tmp_path, capsys):
