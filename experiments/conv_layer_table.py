@@ -18,6 +18,13 @@ writes ``conv_layers.json`` and ``conv_layers.md`` into ``--out`` (a new
 folder). XLA's convolution is not timed on maps of at most 2x2 outputs
 (the rule's ``tiny`` layers): there it takes seconds per call
 (``conv_bench_cpu.json``: 2.2 s and 8.9 s), and the table says so.
+
+Every method is timed for every part (the input gradient too, also for a
+first layer, whose row the table then leaves out), 4 calls per scan and
+``--repeats`` + 1 scans. On the 2-core CPU ``--layers lenet`` takes about
+2 minutes; ResNet18's layers take far longer (the stem's ``taps`` forward
+alone is ~7.6 s per call, and its first layer was not done after 7
+minutes), so give them their own run.
 """
 from __future__ import annotations
 

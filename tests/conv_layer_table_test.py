@@ -36,6 +36,16 @@ def test_summary_sums_the_rules_parts_against_pytorchs():
   assert tiny["torch_ms"] is None and tiny["torch_over_rule"] is None
 
 
+def test_xla_is_skipped_only_on_outputs_of_at_most_2x2():
+  import conv_bench
+  layers = {l[0]: l for l in conv_bench.LAYERS}
+  skip = lambda name: clt.skipped_methods(*clt.layer_shapes(layers[name]))
+  assert skip("r18_2x2_512-512_k3") == ("xla",)            # 2x2 -> 2x2
+  assert skip("r18_4x4-2x2_256-512_k3s2") == ("xla",)      # 4x4 -> 2x2, strided
+  assert skip("r18_4x4_256-256_k3") == ()                  # 4x4 outputs: 16 > 4
+  assert skip("lenet_conv2_b32") == ()
+
+
 def test_markdown_marks_the_rule_and_what_was_not_timed():
   result = {"machine": {"cpu_model": "Test CPU", "cpu_count": 2, "jax": "0.0"},
             "torch_version": "2.x", "date": "2026-11-28 10:00", "load_before": 0.5,
