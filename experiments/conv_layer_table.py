@@ -19,12 +19,16 @@ folder). XLA's convolution is not timed on maps of at most 2x2 outputs
 (the rule's ``tiny`` layers): there it takes seconds per call
 (``conv_bench_cpu.json``: 2.2 s and 8.9 s), and the table says so.
 
-Every method is timed for every part (the input gradient too, also for a
-first layer, whose row the table then leaves out), 4 calls per scan and
-``--repeats`` + 1 scans. On the 2-core CPU ``--layers lenet`` takes about
-2 minutes; ResNet18's layers take far longer (the stem's ``taps`` forward
-alone is ~7.6 s per call, and its first layer was not done after 7
-minutes), so give them their own run.
+A first layer's input gradient is not timed (its input is data). With
+``--methods all`` (default) every method is timed for every part, 4 calls
+per scan and ``--repeats`` + 1 scans: on the 2-core CPU ``--layers lenet``
+takes about 2 minutes, but ResNet18's layers far longer (the stem's
+``taps`` forward alone is ~7.6 s per call, XLA's kernel gradient of the
+16x16x64 layers ~17 s). ``--methods rule`` times only the method the fixed
+rule picks for each part, beside PyTorch: the per-layer profile of what the
+rounds run, e.g. for ResNet18:
+
+  python experiments/conv_layer_table.py --out DIR --layers r18 --methods rule
 """
 from __future__ import annotations
 
@@ -60,23 +64,30 @@ def skipped_methods(x_shape, w_shape, strides, pads) -> tuple[str, ...]:
   return ("xla",) if ho * wo <= 4 else ()
 
 
-def measure_layer(layer, repeats: int) -> dict:
-  """{"parts": {part: {method: ms}}, "rule": [...], "torch": {part: ms} or None, ...}."""
+def measure_layer(layer, repeats: int, methods: str = "all") -> dict:
+  """{"parts": {part: {method: ms}}, "rule": [...], "torch": {part: ms} or None, ...}.
+
+  ``methods``: "all" (every method not skipped) or "rule" (the rule's only)."""
   import jax.numpy as jnp
   import conv_bench
   from sfljax import conv, conv_autotune
   x_shape, w_shape, strides, pads = layer_shapes(layer)
   skip = skipped_methods(x_shape, w_shape, strides, pads)
-  times = conv_autotune.measure(x_shape, w_shape, strides, pads, jnp.float32, repeats=repeats,
-                                methods=tuple(m for m in METHODS if m not in skip))
-  torch = conv_bench.torch_components(layer, repeats)
   parts = PARTS if layer[-1] else ("fwd", "dw")
+  rule = conv.auto_lowering(x_shape, w_shape, strides, pads)
+  if methods == "rule":
+    timed = {p: (m,) for p, m in zip(PARTS, rule) if p in parts}
+  else:
+    timed = tuple(m for m in METHODS if m not in skip)
+  times = conv_autotune.measure(x_shape, w_shape, strides, pads, jnp.float32, repeats=repeats,
+                                methods=timed, parts=parts)
+  torch = conv_bench.torch_components(layer, repeats)
   return {
       "layer": layer[0], "batch": layer[1], "x": list(x_shape), "kernel": list(w_shape),
       "strides": list(strides), "pads": [list(p) for p in pads],
       "parts": {p: {m: 1e3 * t for m, t in times[p].items()} for p in parts},
       "skipped": list(skip),
-      "rule": list(conv.auto_lowering(x_shape, w_shape, strides, pads)),
+      "rule": list(rule),
       "torch": None if torch is None else {k.split("/")[0]: 1e3 * v for k, v in torch.items()
                                            if k.split("/")[0] in parts},
   }
@@ -126,6 +137,8 @@ def markdown(result: dict) -> str:
       for m in METHODS:
         if m in r["skipped"]:
           cells.append("not timed")
+        elif m not in t:
+          cells.append("—")
         else:
           cells.append(f"**{t[m]:.2f}**" if m == rule[p] else f"{t[m]:.2f}")
       torch = None if r["torch"] is None else r["torch"][p]
@@ -138,6 +151,9 @@ def markdown(result: dict) -> str:
   for t in totals:
     lines.append(f"| `{t['layer']}` | {t['rule_ms']:.2f} | {_fmt(t['torch_ms'])} "
                  f"| {_fmt(t['torch_over_rule'])} |")
+  if any(m not in t and m not in r["skipped"] for r in rows for t in r["parts"].values()
+         for m in METHODS):
+    lines += ["", "—: not timed in this run (`--methods rule` times only the rule's method)."]
   if any(r["skipped"] for r in rows):
     lines += ["", "not timed: XLA's convolution on outputs of at most 2x2 takes seconds per "
               "call on this CPU (`conv_bench_cpu.json`), and the rule never picks it there."]
@@ -150,6 +166,8 @@ def main(argv=None) -> int:
   ap.add_argument("--layers", nargs="*", default=None,
                   help="substrings of conv_bench layer names (default: all)")
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--methods", choices=("all", "rule"), default="all",
+                  help="time every method (all) or only the fixed rule's per part (rule)")
   args = ap.parse_args(argv)
   if os.path.exists(args.out):
     print(f"conv_layer_table: --out {args.out} exists; give a new folder", file=sys.stderr)
@@ -172,7 +190,7 @@ def main(argv=None) -> int:
   load_before = os.getloadavg()[0]
   rows = []
   for layer in layers:
-    rows.append(measure_layer(layer, args.repeats))
+    rows.append(measure_layer(layer, args.repeats, args.methods))
     print(layer[0], json.dumps(rows[-1]["parts"]), "torch", json.dumps(rows[-1]["torch"]),
           flush=True)
   result = {"machine": conv_bench.machine(), "torch_version": torch_version,

@@ -102,10 +102,14 @@ def _median_seconds(f, args, repeats: int) -> float:
 
 
 def measure(x_shape, w_shape, strides, pads, dtype, *, repeats: int = 3,
-            methods=conv.METHODS) -> dict[str, dict[str, float]]:
+            methods=conv.METHODS, parts=PARTS) -> dict[str, dict[str, float]]:
   """Median seconds of each method for each part: ``{part: {method: s}}``,
   per call inside a ``lax.scan`` of :data:`SCAN_LENGTH` calls on different
   fixed random inputs.
+
+  ``methods``: the methods timed for every part, or a mapping part ->
+  methods (e.g. only the fixed rule's choice per part). ``parts``: which of
+  :data:`PARTS` to time (a model's first layer needs no input gradient).
 
   Runs eagerly even when called while a function is being traced (each
   candidate is its own compiled program).
@@ -113,10 +117,15 @@ def measure(x_shape, w_shape, strides, pads, dtype, *, repeats: int = 3,
   x_shape, w_shape = tuple(x_shape), tuple(w_shape)
   strides = tuple(strides)
   pads = tuple(tuple(p) for p in pads)
+  unknown = [p for p in parts if p not in PARTS]
+  if unknown:
+    raise ValueError(f"unknown parts {unknown}: choose from {PARTS}")
+  per_part = ({p: tuple(methods[p]) for p in parts} if isinstance(methods, dict)
+              else {p: tuple(methods) for p in parts})
   kh, kw, _, cout = w_shape
   ho = (x_shape[1] + sum(pads[0]) - kh) // strides[0] + 1
   wo = (x_shape[2] + sum(pads[1]) - kw) // strides[1] + 1
-  out: dict[str, dict[str, float]] = {p: {} for p in PARTS}
+  out: dict[str, dict[str, float]] = {p: {} for p in parts}
   n = SCAN_LENGTH
   scanned = lambda f: jax.jit(lambda *xs: lax.scan(lambda c, a: (c, f(*a)), None, xs)[1])
   with jax.ensure_compile_time_eval():
@@ -124,14 +133,17 @@ def measure(x_shape, w_shape, strides, pads, dtype, *, repeats: int = 3,
     x = jax.random.normal(kx, (n,) + x_shape, dtype)
     w = jax.random.normal(kw_, (n,) + w_shape, dtype)
     g = jax.random.normal(kg, (n, x_shape[0], ho, wo, cout), dtype)
-    for m in methods:
-      fwd = scanned(lambda x_, w_, m=m: conv._fwd(m, x_, w_, strides, pads))
-      dx = scanned(lambda g_, w_, m=m: conv._input_grad(m, g_, x_shape, dtype, w_, strides, pads))
-      dw = scanned(lambda g_, x_, m=m: conv._kernel_grad(m, g_, x_, w_shape, dtype, strides,
-                                                         pads))
-      out["fwd"][m] = _median_seconds(fwd, (x, w), repeats) / n
-      out["dx"][m] = _median_seconds(dx, (g, w), repeats) / n
-      out["dw"][m] = _median_seconds(dw, (g, x), repeats) / n
+    programs = {
+        "fwd": lambda m: (scanned(lambda x_, w_: conv._fwd(m, x_, w_, strides, pads)), (x, w)),
+        "dx": lambda m: (scanned(lambda g_, w_: conv._input_grad(m, g_, x_shape, dtype, w_,
+                                                                  strides, pads)), (g, w)),
+        "dw": lambda m: (scanned(lambda g_, x_: conv._kernel_grad(m, g_, x_, w_shape, dtype,
+                                                                   strides, pads)), (g, x)),
+    }
+    for p in parts:
+      for m in per_part[p]:
+        f, args = programs[p](m)
+        out[p][m] = _median_seconds(f, args, repeats) / n
   return out
 
 

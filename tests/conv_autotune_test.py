@@ -116,6 +116,20 @@ def test_real_measurement_while_tracing_a_model(tmp_path):
     assert all(m in conv.METHODS for m in entry["lowering"])
 
 
+def test_measure_times_only_the_parts_and_methods_asked_for(monkeypatch):
+  """A first layer's input gradient is never run; a mapping picks methods per part."""
+  def no_input_grad(*a, **k):
+    raise AssertionError("the input gradient was timed")
+  monkeypatch.setattr(conv, "_input_grad", no_input_grad)
+  t = conv_autotune.measure(X_SHAPE, W_SHAPE, (1, 1), PADS, jnp.float32, repeats=1,
+                            methods={"fwd": ("taps",), "dw": ("patches", "xla")},
+                            parts=("fwd", "dw"))
+  assert {p: sorted(v) for p, v in t.items()} == {"fwd": ["taps"], "dw": ["patches", "xla"]}
+  assert all(s > 0 for v in t.values() for s in v.values())
+  with pytest.raises(ValueError, match="unknown parts"):
+    conv_autotune.measure(X_SHAPE, W_SHAPE, (1, 1), PADS, jnp.float32, parts=("bwd",))
+
+
 def test_a_policy_returning_nonsense_is_refused():
   with pytest.raises(ValueError, match="returned"):
     conv.conv2d(jnp.zeros(X_SHAPE), jnp.zeros(W_SHAPE), lowering=lambda *a: ("fast",) * 3)

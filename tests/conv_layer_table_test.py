@@ -87,6 +87,31 @@ def test_a_real_layer_is_timed_with_every_method(tmp_path, capsys):
   assert set(row1["parts"]) == {"fwd", "dw"}
 
 
+def test_rule_only_rows_mark_the_untimed_methods():
+  conv2 = _canned()[0]
+  conv2["parts"] = {p: {"patches": t["patches"]} for p, t in conv2["parts"].items()}
+  result = {"machine": {"cpu_model": "Test CPU", "cpu_count": 2, "jax": "0.0"},
+            "torch_version": "2.x", "date": "2026-11-28 10:00", "load_before": 0.5,
+            "load_after": 1.5, "repeats": 3, "command": "c", "rows": [conv2]}
+  md = clt.markdown(result)
+  assert "| `lenet_conv2_b1024` | forward | — | **8.00** | — | patches | 10.00 | 1.25 |" in md
+  assert "`--methods rule` times only the rule's method" in md
+  assert "not timed: XLA" not in md
+  assert clt.summarize([conv2])[0]["rule_ms"] == 8.0 + 18.0 + 12.0
+
+
+def test_rule_only_times_the_rules_method_per_part(tmp_path, capsys):
+  from sfljax import conv
+  out = tmp_path / "rule"
+  assert clt.main(["--out", str(out), "--layers", "lenet_conv1_b32", "--repeats", "1",
+                   "--methods", "rule"]) == 0
+  (row,) = json.loads((out / "conv_layers.json").read_text())["rows"]
+  rule = conv.auto_lowering((32, 28, 28, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)))
+  assert row["rule"] == list(rule)
+  assert {p: list(t) for p, t in row["parts"].items()} == {"fwd": [rule[0]], "dw": [rule[2]]}
+  assert "—" in (out / "conv_layers.md").read_text()
+
+
 def test_bad_input_is_refused_without_touching_results(tmp_path, capsys):
   out = tmp_path / "exists"
   out.mkdir()
