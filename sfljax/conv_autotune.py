@@ -39,6 +39,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -120,8 +121,13 @@ def measure(x_shape, w_shape, strides, pads, dtype, *, repeats: int = 3,
   unknown = [p for p in parts if p not in PARTS]
   if unknown:
     raise ValueError(f"unknown parts {unknown}: choose from {PARTS}")
-  per_part = ({p: tuple(methods[p]) for p in parts} if isinstance(methods, dict)
-              else {p: tuple(methods) for p in parts})
+  if isinstance(methods, Mapping):
+    missing = [p for p in parts if p not in methods]
+    if missing:
+      raise ValueError(f"methods names no methods for parts {missing}: give each of {parts}")
+    per_part = {p: tuple(methods[p]) for p in parts}
+  else:
+    per_part = {p: tuple(methods) for p in parts}
   kh, kw, _, cout = w_shape
   ho = (x_shape[1] + sum(pads[0]) - kh) // strides[0] + 1
   wo = (x_shape[2] + sum(pads[1]) - kw) // strides[1] + 1

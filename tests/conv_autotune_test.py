@@ -128,6 +128,9 @@ def test_measure_times_only_the_parts_and_methods_asked_for(monkeypatch):
   assert all(s > 0 for v in t.values() for s in v.values())
   with pytest.raises(ValueError, match="unknown parts"):
     conv_autotune.measure(X_SHAPE, W_SHAPE, (1, 1), PADS, jnp.float32, parts=("bwd",))
+  with pytest.raises(ValueError, match=r"no methods for parts \['dw'\]"):
+    conv_autotune.measure(X_SHAPE, W_SHAPE, (1, 1), PADS, jnp.float32,
+                          methods={"fwd": ("taps",)}, parts=("fwd", "dw"))
 
 
 def test_a_policy_returning_nonsense_is_refused():

@@ -27,6 +27,13 @@ def _canned():
   return [conv2, tiny]
 
 
+def _result(rows):
+  return {"machine": {"cpu_model": "Test CPU", "cpu_count": 2, "jax": "0.0"},
+          "torch_version": "2.x", "date": "2026-11-28 10:00", "load_before": 0.5,
+          "load_after": 1.5, "repeats": 3, "command": "python experiments/conv_layer_table.py",
+          "rows": rows}
+
+
 def test_summary_sums_the_rules_parts_against_pytorchs():
   conv2, tiny = clt.summarize(_canned())
   assert conv2["rule_ms"] == 8.0 + 18.0 + 12.0          # the rule's methods, not the fastest
@@ -47,11 +54,7 @@ def test_xla_is_skipped_only_on_outputs_of_at_most_2x2():
 
 
 def test_markdown_marks_the_rule_and_what_was_not_timed():
-  result = {"machine": {"cpu_model": "Test CPU", "cpu_count": 2, "jax": "0.0"},
-            "torch_version": "2.x", "date": "2026-11-28 10:00", "load_before": 0.5,
-            "load_after": 1.5, "repeats": 3, "command": "python experiments/conv_layer_table.py",
-            "rows": _canned()}
-  md = clt.markdown(result)
+  md = clt.markdown(_result(_canned()))
   lines = md.splitlines()
   fwd = next(l for l in lines if l.startswith("| `lenet_conv2_b1024` | forward"))
   assert fwd == "| `lenet_conv2_b1024` | forward | 7.00 | **8.00** | 30.00 | patches | 10.00 | 1.25 |"
@@ -90,10 +93,7 @@ def test_a_real_layer_is_timed_with_every_method(tmp_path, capsys):
 def test_rule_only_rows_mark_the_untimed_methods():
   conv2 = _canned()[0]
   conv2["parts"] = {p: {"patches": t["patches"]} for p, t in conv2["parts"].items()}
-  result = {"machine": {"cpu_model": "Test CPU", "cpu_count": 2, "jax": "0.0"},
-            "torch_version": "2.x", "date": "2026-11-28 10:00", "load_before": 0.5,
-            "load_after": 1.5, "repeats": 3, "command": "c", "rows": [conv2]}
-  md = clt.markdown(result)
+  md = clt.markdown(_result([conv2]))
   assert "| `lenet_conv2_b1024` | forward | — | **8.00** | — | patches | 10.00 | 1.25 |" in md
   assert "`--methods rule` times only the rule's method" in md
   assert "not timed: XLA" not in md
